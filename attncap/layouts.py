@@ -1,0 +1,117 @@
+"""Token axes as the kernels see them: which tokens, in which order, grouped into which bins.
+
+An AxisPlan turns (a token range or a list of indices, an optional grid, an optional pool) into
+index arrays. Slots are the tokens the product covers, sorted bin-major, so every bin is one
+contiguous run of slots; a kernel program owning a run of bins reads a contiguous run of slots and
+needs no atomics. Bins may hold different numbers of tokens (grids that pooling factors do not
+divide), so a pooled value is a sum divided by the bin's count.
+
+Shape legend: L slots (tokens covered), nb bins.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+Pool = int | Sequence[int] | None
+
+
+def normalize_grid(grid: Sequence[int] | None, length: int, name: str) -> tuple[int, ...] | None:
+    """Check that a (t,) h, w grid covers exactly ``length`` tokens and return it as a tuple."""
+    if grid is None:
+        return None
+    dims = tuple(int(g) for g in grid)
+    if not 1 <= len(dims) <= 3 or any(g < 1 for g in dims):
+        raise ValueError(f"{name} must be 1 to 3 positive sizes such as (h, w) or (t, h, w); got {tuple(grid)}")
+    if math.prod(dims) != length:
+        raise ValueError(
+            f"{name}={dims} holds {math.prod(dims)} tokens but its range holds {length}; "
+            f"give a grid whose sizes multiply to {length}"
+        )
+    return dims
+
+
+def normalize_pool(grid: tuple[int, ...] | None, pool: Pool, name: str) -> tuple[int, ...] | None:
+    """Per-axis pool factors. An int pools the last two axes (h, w) and leaves t alone."""
+    if pool is None:
+        return None
+    if grid is None:
+        raise ValueError(f"{name} needs a grid for its axis (query_grid / key_grid), e.g. (h, w)")
+    if isinstance(pool, int):
+        factors = tuple([1] * max(0, len(grid) - 2) + [pool] * min(2, len(grid)))
+    else:
+        factors = tuple(int(p) for p in pool)
+    if len(factors) != len(grid) or any(f < 1 for f in factors):
+        raise ValueError(
+            f"{name}={pool!r} does not fit grid {grid}: give a positive int or {len(grid)} positive factors"
+        )
+    return factors
+
+
+def pooled_grid(grid: tuple[int, ...], factors: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(-(-g // f) for g, f in zip(grid, factors))
+
+
+@dataclass(frozen=True)
+class AxisPlan:
+    """One token axis of a product.
+
+    perm        int32 [L]     absolute token index of each slot, bin-major
+    bin_of_slot int32 [L]     bin of each slot (non-decreasing)
+    bin_start   int32 [nb+1]  first slot of each bin; bin b is slots bin_start[b]:bin_start[b+1]
+    counts      float32 [nb]  tokens per bin
+    pooled      False when every bin is one token (the kernels then skip the pooling step)
+    grid        the bin grid ((t,) h, w after pooling) or None for a flat axis
+    """
+
+    perm: torch.Tensor
+    bin_of_slot: torch.Tensor
+    bin_start: torch.Tensor
+    counts: torch.Tensor
+    pooled: bool
+    grid: tuple[int, ...] | None
+
+    @property
+    def nbins(self) -> int:
+        return self.counts.numel()
+
+    @property
+    def nslots(self) -> int:
+        return self.perm.numel()
+
+    def max_bin_size(self) -> int:
+        return int(self.counts.max().item()) if self.nbins else 0
+
+    def to(self, device: torch.device) -> "AxisPlan":
+        return AxisPlan(self.perm.to(device), self.bin_of_slot.to(device), self.bin_start.to(device),
+                        self.counts.to(device), self.pooled, self.grid)
+
+
+def plan_indices(indices: torch.Tensor) -> AxisPlan:
+    """An unpooled axis over explicit token indices (selected queries)."""
+    idx = indices.to(torch.int32)
+    n = idx.numel()
+    slots = torch.arange(n, dtype=torch.int32)
+    return AxisPlan(idx, slots, torch.arange(n + 1, dtype=torch.int32), torch.ones(n), False, None)
+
+
+def plan_range(start: int, stop: int, grid: tuple[int, ...] | None, factors: tuple[int, ...] | None) -> AxisPlan:
+    """The tokens start:stop, laid out row-major on ``grid``, pooled by ``factors`` (or not)."""
+    length = stop - start
+    if factors is None or all(f == 1 for f in factors):
+        return AxisPlan(torch.arange(start, stop, dtype=torch.int32), torch.arange(length, dtype=torch.int32),
+                        torch.arange(length + 1, dtype=torch.int32), torch.ones(length), False, grid)
+    coords = torch.unravel_index(torch.arange(length), grid)
+    bins_per_axis = pooled_grid(grid, factors)
+    bin_id = torch.zeros(length, dtype=torch.int64)
+    for coord, f, nb in zip(coords, factors, bins_per_axis):
+        bin_id = bin_id * nb + torch.div(coord, f, rounding_mode="floor")
+    order = torch.sort(bin_id, stable=True).indices
+    counts = torch.bincount(bin_id, minlength=math.prod(bins_per_axis))
+    bin_start = torch.zeros(counts.numel() + 1, dtype=torch.int64)
+    bin_start[1:] = torch.cumsum(counts, 0)
+    return AxisPlan((order + start).to(torch.int32), bin_id[order].to(torch.int32), bin_start.to(torch.int32),
+                    counts.to(torch.float32), True, bins_per_axis)

@@ -1,0 +1,115 @@
+"""attncap.attention: the kernel-level entry point.
+
+Validates everything first, then runs the forward (output, LSE and one-pass products) and, when a
+product needs it, the map pass from the LSE. On CUDA both run as Triton kernels; on CPU they run
+as chunked PyTorch (attncap.cpu_path) unless backend="triton" asks for the kernels, which on CPU
+needs TRITON_INTERPRET=1 (for tests).
+"""
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+import torch
+
+from . import cpu_path
+from .layouts import AxisPlan, plan_range
+from .request import MapRequest
+from .validate import Plan, check_masks, check_request, check_tensors
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def _backend(name: str, device: torch.device) -> ModuleType:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {name!r}")
+    use_triton = name == "triton" or (name == "auto" and device.type == "cuda")
+    if not use_triton:
+        return cpu_path
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("backend='triton' on a CPU tensor needs TRITON_INTERPRET=1 set before attncap is imported; "
+                         "use backend='torch' (the chunked CPU path) or move the tensors to CUDA")
+    from . import kernels
+    return kernels
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+              attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+              request: MapRequest | None = None, *, key_padding_mask: torch.Tensor | None = None,
+              layout: str = "bhsd", backend: str = "auto") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Scaled dot-product attention that also returns reductions of its probabilities.
+
+    Shapes (layout="bhsd", as torch SDPA; layout="bshd" swaps H and N in every tensor):
+        q [B, H, Nq, D], k [B, Hk, Nk, D], v [B, Hk, Nk, Dv]; H % Hk == 0 (GQA/MQA).
+        attn_mask: bool (True = attend) or float (added to the scores), broadcastable to [B, H, Nq, Nk].
+        key_padding_mask: bool [B, Nk], True = keep.   is_causal: query i sees keys j <= i (top-left).
+    Returns (out [B, H, Nq, Dv] in q's dtype and layout, products): products is {} without a
+    request, else the float32 tensors described in attncap.request (map, tokens, rows, colsum,
+    entropy, peak). A query with every key masked gets zeros in out and products, never NaN.
+    """
+    q4, k4, v4, shapes = check_tensors(q, k, v, layout)
+    mask, mask_kind, kpm = check_masks(attn_mask, key_padding_mask, shapes, q4.device)
+    if scale is None:
+        scale = shapes.D ** -0.5
+    elif not (isinstance(scale, (int, float)) and scale > 0):
+        raise ValueError(f"scale must be a positive number or None (1/sqrt(D)); got {scale!r}")
+    plan = check_request(request, shapes) if request is not None else None
+    impl = _backend(backend, q4.device)
+    if layout == "bhsd":
+        out = torch.empty((shapes.B, shapes.H, shapes.Nq, shapes.Dv), dtype=q4.dtype, device=q4.device)
+        out4 = out
+    else:
+        out = torch.empty((shapes.B, shapes.Nq, shapes.H, shapes.Dv), dtype=q4.dtype, device=q4.device)
+        out4 = out.transpose(1, 2)
+    want_stats = plan is not None and any(s in plan.stats for s in ("entropy", "peak"))
+    selected = plan.selected.to(q4.device) if plan is not None and plan.selected is not None else None
+    masks = dict(mask=mask, mask_kind=mask_kind, key_padding=kpm, is_causal=bool(is_causal))
+    lse, tokens, ent, peak = impl.forward(q4, k4, v4, out4, float(scale), selected=selected,
+                                          want_stats=want_stats, **masks)
+    if plan is None:
+        return out, {}
+
+    def map_of(qplan: AxisPlan, kplan: AxisPlan) -> torch.Tensor:
+        dev = q4.device
+        return impl.map_pass(q4, k4, lse, float(scale), qplan.to(dev), kplan.to(dev),
+                             plan.heads_table.to(dev), **masks)
+
+    products: dict[str, torch.Tensor] = {}
+    if plan.want_map:
+        products["map"] = map_of(plan.query, plan.key)
+    if tokens is not None:
+        products["tokens"] = reduce_per_query(tokens, plan)
+    if plan.rows is not None:
+        products["rows"] = map_of(plan.rows, plan.key)
+    if "entropy" in plan.stats:
+        products["entropy"] = reduce_per_query(ent, plan)
+    if "peak" in plan.stats:
+        products["peak"] = reduce_per_query(peak, plan)
+    if "colsum" in plan.stats:
+        products["colsum"] = _colsum(products.get("map"), plan, map_of)
+    return out, products
+
+
+def reduce_per_query(x: torch.Tensor, plan: Plan) -> torch.Tensor:
+    """Per-head, per-query values [B, H, Nq, ...] -> head groups and query bins [B, G, Qb, ...]."""
+    axis = plan.query.to(x.device)
+    x = x[:, :, axis.perm.long()]
+    x = x[:, plan.heads_table.to(x.device).long()].mean(2)
+    pooled = torch.zeros((x.shape[0], x.shape[1], axis.nbins) + tuple(x.shape[3:]), dtype=x.dtype, device=x.device)
+    pooled.index_add_(2, axis.bin_of_slot.long(), x)
+    counts = axis.counts.to(x.device).reshape((1, 1, -1) + (1,) * (x.dim() - 3))
+    return pooled / counts
+
+
+def _colsum(pooled_map: torch.Tensor | None, plan: Plan, map_of) -> torch.Tensor:
+    """Attention received per key bin, summed over the query range.
+
+    From the map when there is one (sum over query bins of mean * bin count, exact); otherwise
+    from the map pass with the whole query range as a single bin.
+    """
+    qplan = plan.query
+    if pooled_map is not None:
+        return (pooled_map * qplan.counts.to(pooled_map.device)[:, None]).sum(2)
+    start, stop = int(qplan.perm.min()), int(qplan.perm.max()) + 1
+    one_bin = plan_range(start, stop, (stop - start,), (stop - start,))
+    return map_of(one_bin, plan.key)[:, :, 0] * float(stop - start)

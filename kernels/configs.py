@@ -1,0 +1,51 @@
+"""Block sizes and launch settings.
+
+Fixed heuristics instead of autotuning: the same choice must work under TRITON_INTERPRET=1 (where
+autotuning would run every config through the slow interpreter) and on any GPU. Under the
+interpreter small blocks keep the CPU tests quick while still crossing tile boundaries.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def interpreting(device: torch.device) -> bool:
+    return device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def forward_config(d: int, dv: int, n_sel: int, device: torch.device) -> LaunchConfig:
+    if interpreting(device):
+        return LaunchConfig(32, 32, 4, 1)
+    widest = max(d, dv)
+    if widest > 128:
+        return LaunchConfig(64, 32, 8, 2)
+    # A token-column accumulator of up to 128 fp32 columns sits beside the output accumulator:
+    # halve the query block so the two fit in registers without spilling.
+    if n_sel > 32:
+        return LaunchConfig(64, 64, 4, 3)
+    return LaunchConfig(128, 64, 8 if widest > 64 else 4, 3)
+
+
+def map_config(d: int, pooled_q: bool, pooled_k: bool, device: torch.device) -> LaunchConfig:
+    """block_m / block_n are query / key slots per tile; bins per tile are chosen by the launcher."""
+    if interpreting(device):
+        return LaunchConfig(32, 32, 4, 1)
+    if d > 128:
+        return LaunchConfig(64, 32, 4, 2)
+    return LaunchConfig(64, 64, 4, 3)
+
+
+def strides_or_zeros(x: torch.Tensor | None, n: int) -> tuple[int, ...]:
+    """Strides of an optional tensor argument; zeros stand in when it is absent."""
+    return tuple(x.stride()) if x is not None else (0,) * n
