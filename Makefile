@@ -21,7 +21,7 @@ test: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	$(PY) -m attncap.demo
+	$(VENV)/bin/attncap demo
 
 bench: $(STAMP)
 	$(PY) -m pytest -q benchmarks --benchmark-only --benchmark-json=benchmarks/cpu.json
