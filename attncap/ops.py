@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 from types import ModuleType
+from typing import Sequence
 
 import torch
 
 from . import cpu_path
 from .layouts import AxisPlan, plan_range
 from .request import MapRequest
-from .validate import Plan, check_masks, check_request, check_tensors
+from .validate import MAX_SELECTED_KEYS, Plan, check_masks, check_request, check_tensors
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -35,8 +36,9 @@ def _backend(name: str, device: torch.device) -> ModuleType:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
               attn_mask: torch.Tensor | None = None, is_causal: bool = False,
-              request: MapRequest | None = None, *, key_padding_mask: torch.Tensor | None = None,
-              layout: str = "bhsd", backend: str = "auto") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              request: MapRequest | Sequence[MapRequest] | None = None, *,
+              key_padding_mask: torch.Tensor | None = None, layout: str = "bhsd",
+              backend: str = "auto") -> tuple[torch.Tensor, dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]]:
     """Scaled dot-product attention that also returns reductions of its probabilities.
 
     Shapes (layout="bhsd", as torch SDPA; layout="bshd" swaps H and N in every tensor):
@@ -45,7 +47,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
         key_padding_mask: bool [B, Nk], True = keep.   is_causal: query i sees keys j <= i (top-left).
     Returns (out [B, H, Nq, Dv] in q's dtype and layout, products): products is {} without a
     request, else the float32 tensors described in attncap.request (map, tokens, rows, colsum,
-    entropy, peak). A query with every key masked gets zeros in out and products, never NaN.
+    entropy, peak). A list of requests (several relations of one joint sequence) shares one
+    forward and returns a list of product dicts. A query with every key masked gets zeros in out
+    and products, never NaN.
     """
     q4, k4, v4, shapes = check_tensors(q, k, v, layout)
     mask, mask_kind, kpm = check_masks(attn_mask, key_padding_mask, shapes, q4.device)
@@ -53,7 +57,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
         scale = shapes.D ** -0.5
     elif not (isinstance(scale, (int, float)) and scale > 0):
         raise ValueError(f"scale must be a positive number or None (1/sqrt(D)); got {scale!r}")
-    plan = check_request(request, shapes) if request is not None else None
+    single = request is None or isinstance(request, MapRequest)
+    plans = [check_request(r, shapes) for r in ([] if request is None else [request] if single else request)]
+    selected = _selected_union(plans)
     impl = _backend(backend, q4.device)
     if layout == "bhsd":
         out = torch.empty((shapes.B, shapes.H, shapes.Nq, shapes.Dv), dtype=q4.dtype, device=q4.device)
@@ -61,33 +67,48 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     else:
         out = torch.empty((shapes.B, shapes.Nq, shapes.H, shapes.Dv), dtype=q4.dtype, device=q4.device)
         out4 = out.transpose(1, 2)
-    want_stats = plan is not None and any(s in plan.stats for s in ("entropy", "peak"))
-    selected = plan.selected.to(q4.device) if plan is not None and plan.selected is not None else None
+    want_stats = any(s in p.stats for p in plans for s in ("entropy", "peak"))
     masks = dict(mask=mask, mask_kind=mask_kind, key_padding=kpm, is_causal=bool(is_causal))
-    lse, tokens, ent, peak = impl.forward(q4, k4, v4, out4, float(scale), selected=selected,
+    lse, tokens, ent, peak = impl.forward(q4, k4, v4, out4, float(scale),
+                                          selected=None if selected is None else selected.to(q4.device),
                                           want_stats=want_stats, **masks)
-    if plan is None:
-        return out, {}
 
-    def map_of(qplan: AxisPlan, kplan: AxisPlan) -> torch.Tensor:
+    def map_of(qplan: AxisPlan, kplan: AxisPlan, heads_table: torch.Tensor) -> torch.Tensor:
         dev = q4.device
-        return impl.map_pass(q4, k4, lse, float(scale), qplan.to(dev), kplan.to(dev),
-                             plan.heads_table.to(dev), **masks)
+        return impl.map_pass(q4, k4, lse, float(scale), qplan.to(dev), kplan.to(dev), heads_table.to(dev), **masks)
 
-    products: dict[str, torch.Tensor] = {}
-    if plan.want_map:
-        products["map"] = map_of(plan.query, plan.key)
-    if tokens is not None:
-        products["tokens"] = reduce_per_query(tokens, plan)
-    if plan.rows is not None:
-        products["rows"] = map_of(plan.rows, plan.key)
-    if "entropy" in plan.stats:
-        products["entropy"] = reduce_per_query(ent, plan)
-    if "peak" in plan.stats:
-        products["peak"] = reduce_per_query(peak, plan)
-    if "colsum" in plan.stats:
-        products["colsum"] = _colsum(products.get("map"), plan, map_of)
-    return out, products
+    results = []
+    for plan in plans:
+        products: dict[str, torch.Tensor] = {}
+        if plan.want_map:
+            products["map"] = map_of(plan.query, plan.key, plan.heads_table)
+        if plan.selected is not None:
+            columns = torch.searchsorted(selected, plan.selected).to(tokens.device)
+            products["tokens"] = reduce_per_query(tokens[..., columns], plan)
+        if plan.rows is not None:
+            products["rows"] = map_of(plan.rows, plan.key, plan.heads_table)
+        if "entropy" in plan.stats:
+            products["entropy"] = reduce_per_query(ent, plan)
+        if "peak" in plan.stats:
+            products["peak"] = reduce_per_query(peak, plan)
+        if "colsum" in plan.stats:
+            products["colsum"] = _colsum(products.get("map"), plan, map_of)
+        results.append(products)
+    if single:
+        return out, results[0] if results else {}
+    return out, results
+
+
+def _selected_union(plans: list[Plan]) -> torch.Tensor | None:
+    """The sorted distinct keys all requests select: the forward computes their columns once."""
+    chosen = [p.selected for p in plans if p.selected is not None]
+    if not chosen:
+        return None
+    union = torch.unique(torch.cat(chosen))
+    if union.numel() > MAX_SELECTED_KEYS:
+        raise ValueError(f"the requests select {union.numel()} distinct keys together; the one-pass kernel takes "
+                         f"at most {MAX_SELECTED_KEYS}: split them over several calls or use key_range with map=True")
+    return union.to(torch.int32)
 
 
 def reduce_per_query(x: torch.Tensor, plan: Plan) -> torch.Tensor:
@@ -112,4 +133,4 @@ def _colsum(pooled_map: torch.Tensor | None, plan: Plan, map_of) -> torch.Tensor
         return (pooled_map * qplan.counts.to(pooled_map.device)[:, None]).sum(2)
     start, stop = int(qplan.perm.min()), int(qplan.perm.max()) + 1
     one_bin = plan_range(start, stop, (stop - start,), (stop - start,))
-    return map_of(one_bin, plan.key)[:, :, 0] * float(stop - start)
+    return map_of(one_bin, plan.key, plan.heads_table)[:, :, 0] * float(stop - start)

@@ -24,6 +24,12 @@ def interpreting(device: torch.device) -> bool:
     return device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def dot_in_f32(x: torch.Tensor) -> bool:
+    """Upcast dot operands to fp32: only for bf16 under the interpreter, whose bf16 tl.dot returns
+    garbage (Triton 3.9: numpy has no bfloat16). On GPUs bf16 dots run on the tensor cores as usual."""
+    return x.dtype == torch.bfloat16 and interpreting(x.device)
+
+
 def forward_config(d: int, dv: int, n_sel: int, device: torch.device) -> LaunchConfig:
     if interpreting(device):
         return LaunchConfig(32, 32, 4, 1)

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import forward_config, strides_or_zeros
+from .configs import dot_in_f32, forward_config, strides_or_zeros
 from .masking import LOG2E, masked_scores
 
 
@@ -35,7 +35,7 @@ def attn_fwd_kernel(
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr,
-    HAS_SEL: tl.constexpr, WANT_STATS: tl.constexpr,
+    HAS_SEL: tl.constexpr, WANT_STATS: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -53,6 +53,8 @@ def attn_fwd_kernel(
 
     p_q = Q + b * stride_qb + h * stride_qh + o_m[:, None] * stride_qn + o_d[None, :] * stride_qd
     b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)
+    if DOT_F32:
+        b_q = b_q.to(tl.float32)
     p_k0 = K + b * stride_kb + hk * stride_kh
     p_v0 = V + b * stride_vb + hk * stride_vh
 
@@ -73,6 +75,8 @@ def attn_fwd_kernel(
         m_n = o_n < N_K
         b_k = tl.load(p_k0 + o_n[None, :] * stride_kn + o_d[:, None] * stride_kd,
                       mask=m_d[:, None] & m_n[None, :], other=0.0)
+        if DOT_F32:
+            b_k = b_k.to(tl.float32)
         b_s = tl.dot(b_q, b_k) * scale_log2
         b_s = masked_scores(b_s, o_m, o_n, m_m, m_n, b, h, MASK, stride_mb, stride_mh, stride_mq, stride_mk,
                             KPM, stride_pb, stride_pk, IS_CAUSAL, MASK_KIND, HAS_KPM)
@@ -88,6 +92,8 @@ def attn_fwd_kernel(
         b_l = b_l * b_alpha + tl.sum(b_p, 1)
         b_v = tl.load(p_v0 + o_n[:, None] * stride_vn + o_dv[None, :] * stride_vd,
                       mask=m_n[:, None] & m_dv[None, :], other=0.0)
+        if DOT_F32:
+            b_v = b_v.to(tl.float32)
         b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
         if HAS_SEL:
             b_w = (o_n[:, None] == b_sel[None, :]).to(tl.float32)
@@ -140,6 +146,6 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor
         HEAD_D=D, HEAD_DV=Dv, BLOCK_D=max(16, triton.next_power_of_2(D)),
         BLOCK_DV=max(16, triton.next_power_of_2(Dv)), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_S=block_s, IS_CAUSAL=is_causal, MASK_KIND=mask_kind, HAS_KPM=key_padding is not None,
-        HAS_SEL=n_sel > 0, WANT_STATS=want_stats, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HAS_SEL=n_sel > 0, WANT_STATS=want_stats, DOT_F32=dot_in_f32(q), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return lse, tokens, ent, peak

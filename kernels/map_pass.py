@@ -20,8 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import map_config
-from .configs import strides_or_zeros
+from .configs import dot_in_f32, map_config, strides_or_zeros
 from .masking import LOG2E, masked_scores
 
 
@@ -37,7 +36,7 @@ def attn_map_kernel(
     H, N_Q, GROUP, G, HPG, N_QBINS, N_KBINS, scale_log2,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_QB: tl.constexpr, BLOCK_KB: tl.constexpr, POOL_Q: tl.constexpr, POOL_K: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -74,6 +73,8 @@ def attn_map_kernel(
             t_m = tl.load(QPERM + s_m, mask=m_m, other=0).to(tl.int64)
             b_q = tl.load(p_q0 + t_m[:, None] * stride_qn + o_d[None, :] * stride_qd,
                           mask=m_m[:, None] & m_d[None, :], other=0.0)
+            if DOT_F32:
+                b_q = b_q.to(tl.float32)
             b_lse = tl.load(LSE + (b * H + h) * N_Q + t_m, mask=m_m, other=float("inf")) * 1.4426950408889634
             # A fully masked row has LSE = -inf; +inf makes its probabilities exp2(-inf) = 0.
             b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse)
@@ -86,6 +87,8 @@ def attn_map_kernel(
                 t_n = tl.load(KPERM + s_n, mask=m_n, other=0).to(tl.int64)
                 b_k = tl.load(p_k0 + t_n[None, :] * stride_kn + o_d[:, None] * stride_kd,
                               mask=m_d[:, None] & m_n[None, :], other=0.0)
+                if DOT_F32:
+                    b_k = b_k.to(tl.float32)
                 b_s = tl.dot(b_q, b_k) * scale_log2
                 b_s = masked_scores(b_s, t_m, t_n, m_m, m_n, b, h, MASK, stride_mb, stride_mh, stride_mq,
                                     stride_mk, KPM, stride_pb, stride_pk, IS_CAUSAL, MASK_KIND, HAS_KPM)
@@ -143,6 +146,6 @@ def map_pass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float, 
         HEAD_D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=cfg.block_m if qplan.pooled else block_qb,
         BLOCK_N=cfg.block_n if kplan.pooled else block_kb, BLOCK_QB=block_qb, BLOCK_KB=block_kb,
         POOL_Q=qplan.pooled, POOL_K=kplan.pooled, IS_CAUSAL=is_causal, MASK_KIND=mask_kind,
-        HAS_KPM=key_padding is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HAS_KPM=key_padding is not None, DOT_F32=dot_in_f32(q), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

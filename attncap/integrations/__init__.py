@@ -1,0 +1,1 @@
+"""Integrations: diffusers processors (and, later, transformers and a generic SDPA hook)."""

@@ -1,0 +1,224 @@
+"""The one capture path every integration shares.
+
+An integration (diffusers processors, the transformers attention function, the generic SDPA hook)
+only says where a call's tokens come from: a CallLayout of named segments on the query and key
+axes. The session turns the user's options (relations, heads, tokens, pool, stats) into
+MapRequests for that layout, runs attncap.attention once for all of them, and files the products
+in the store, split by classifier-free-guidance branch.
+
+Shape legend: B batch, N tokens of a call, Qb/Kb bins after pooling.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .ops import attention
+from .request import STATS, MapRequest
+from .store import Record, Store
+from .validate import MAX_SELECTED_KEYS
+
+SPATIAL = ("image", "video")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A run of tokens start:stop named by what they are, with its (t,) h, w grid if spatial."""
+    name: str
+    start: int
+    stop: int
+    grid: tuple[int, ...] | None = None
+
+    @property
+    def length(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class CallLayout:
+    queries: tuple[Segment, ...]
+    keys: tuple[Segment, ...]
+
+    def relations(self) -> list[tuple[Segment, Segment]]:
+        return [(a, b) for a in self.queries for b in self.keys]
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    relations: str | tuple[str, ...] = "auto"
+    layers: str | tuple[str, ...] = "all"
+    steps: str | tuple[int, ...] = "all"
+    heads: str | tuple[int, ...] = "mean"
+    tokens: tuple[int, ...] | None = None
+    pool: int | tuple[int, ...] | None = None
+    stats: tuple[str, ...] = ()
+    max_bytes: int = 8 * 2**30
+
+    @staticmethod
+    def build(relations="auto", layers="all", steps="all", heads="mean", tokens=None, pool=None, stats=(),
+              max_bytes=8 * 2**30) -> "CaptureConfig":
+        """Check the user's options once, before anything is installed."""
+        rel = relations if isinstance(relations, str) else tuple(relations)
+        for r in ([rel] if isinstance(rel, str) else rel):
+            if r not in ("auto", "all") and (not isinstance(r, str) or r.count("->") != 1):
+                raise ValueError(f"relations entries look like 'image->text'; got {r!r} (or use 'auto' / 'all')")
+        if isinstance(steps, str):
+            if steps not in ("all", "last"):
+                raise ValueError(f"steps must be 'all', 'last' or a list of step indices; got {steps!r}")
+        else:
+            steps = tuple(int(s) for s in ([steps] if isinstance(steps, int) else steps))
+        if not (heads in ("mean", "all") or (not isinstance(heads, str) and all(isinstance(h, int) for h in heads))):
+            raise ValueError(f"heads must be 'mean', 'all' or a list of head indices; got {heads!r}")
+        if tokens is not None:
+            tokens = tuple(int(t) for t in ([tokens] if isinstance(tokens, int) else tokens))
+            if not 0 < len(tokens) <= MAX_SELECTED_KEYS:
+                raise ValueError(f"tokens must hold 1 to {MAX_SELECTED_KEYS} key indices; got {len(tokens)}")
+        bad = [s for s in stats if s not in STATS]
+        if bad:
+            raise ValueError(f"stats {bad} unknown; choose from {STATS}")
+        if pool is not None and not (isinstance(pool, int) and pool >= 1 or
+                                     not isinstance(pool, int) and len(pool) in (2, 3) and min(pool) >= 1):
+            raise ValueError(f"pool must be a positive int or (h, w) / (t, h, w) factors; got {pool!r}")
+        return CaptureConfig(rel, layers if isinstance(layers, str) else tuple(layers), steps,
+                             heads if isinstance(heads, str) else tuple(heads), tokens,
+                             pool if pool is None or isinstance(pool, int) else tuple(pool), tuple(stats), max_bytes)
+
+    def wants_layer(self, name: str) -> bool:
+        if self.layers == "all":
+            return True
+        patterns = (self.layers,) if isinstance(self.layers, str) else self.layers
+        return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+    def wants_step(self, step: int, total: int | None) -> bool:
+        if self.steps == "all":
+            return True
+        if self.steps == "last":
+            return total is not None and step == total - 1
+        return step in self.steps
+
+    def wants_relation(self, relation: str, default: Sequence[str]) -> bool:
+        chosen = (self.relations,) if isinstance(self.relations, str) else self.relations
+        return "all" in chosen or relation in chosen or ("auto" in chosen and relation in default)
+
+
+def _pool_for(segment: Segment, pool) -> tuple[int, ...] | int | None:
+    """The capture's pool applied to a spatial segment; (t, h, w) factors fold to (h, w) on images."""
+    if pool is None or segment.grid is None or segment.name not in SPATIAL:
+        return None
+    if isinstance(pool, int):
+        return pool
+    return tuple(pool[-len(segment.grid):]) if len(pool) >= len(segment.grid) else (1,) + tuple(pool)
+
+
+@dataclass
+class StepState:
+    """Where the denoising loop is, as the denoiser pre-hooks see it."""
+    step: int = -1
+    timestep: float | None = None
+    call_in_step: int = 0
+    total_steps: int | None = None
+    cfg_batched: bool = False   # SD/SD3: [uncond, cond] halves in one batch
+    cfg_separate: bool = False  # Flux/Wan: a cond call, then an uncond call
+    active: bool = False        # this denoiser call is captured
+
+    def advance(self, timestep: float | None) -> None:
+        if self.step < 0 or timestep is None or timestep != self.timestep:
+            self.step += 1
+            self.call_in_step = 0
+        else:
+            self.call_in_step += 1
+        self.timestep = timestep
+
+    def branch_of_call(self) -> str | None:
+        if self.cfg_separate:
+            return "cond" if self.call_in_step == 0 else "uncond"
+        return None
+
+
+@dataclass
+class CaptureSession:
+    config: CaptureConfig
+    store: Store
+    state: StepState = field(default_factory=StepState)
+    backend: str = "auto"
+
+    def requests_for(self, layout: CallLayout, default_relations: Sequence[str]):
+        """MapRequests for the relations of this call that the user asked for, with their segments."""
+        out = []
+        cfg = self.config
+        for qseg, kseg in layout.relations():
+            relation = f"{qseg.name}->{kseg.name}"
+            if not cfg.wants_relation(relation, default_relations):
+                continue
+            keys = None
+            if cfg.tokens is not None and kseg.name not in SPATIAL:
+                keys = [kseg.start + t for t in cfg.tokens if t < kseg.length]
+            request = MapRequest(
+                heads=cfg.heads if isinstance(cfg.heads, str) else list(cfg.heads),
+                map=None if keys else True,
+                query_range=(qseg.start, qseg.stop), key_range=(kseg.start, kseg.stop),
+                query_grid=qseg.grid, key_grid=kseg.grid,
+                query_pool=_pool_for(qseg, cfg.pool), key_pool=_pool_for(kseg, cfg.pool),
+                keys=keys or None, stats=cfg.stats, max_bytes=cfg.max_bytes,
+            )
+            out.append((relation, qseg, kseg, request))
+        return out
+
+    def capture_call(self, layer: str, layout: CallLayout, default_relations: Sequence[str], q: torch.Tensor,
+                     k: torch.Tensor, v: torch.Tensor, attn_mask=None, is_causal: bool = False,
+                     scale: float | None = None) -> torch.Tensor | None:
+        """Run one SDPA call through attncap and file its products; None leaves it to SDPA."""
+        wanted = self.requests_for(layout, default_relations)
+        if not wanted:
+            return None
+        out, products = attention(q, k, v, scale=scale, attn_mask=attn_mask, is_causal=is_causal,
+                                  request=[w[3] for w in wanted], backend=self.backend)
+        for (relation, qseg, kseg, request), prods in zip(wanted, products):
+            for kind, data in prods.items():
+                self._file(layer, relation, kind, data, request, qseg, kseg)
+        return out
+
+    def _file(self, layer, relation, kind, data, request: MapRequest, qseg: Segment, kseg: Segment) -> None:
+        from .layouts import normalize_pool, pooled_grid
+
+        def grid_of(seg: Segment, pool):
+            if seg.grid is None:
+                return None
+            factors = normalize_pool(seg.grid, pool, "pool")
+            return seg.grid if factors is None else pooled_grid(seg.grid, factors)
+
+        meta = {"query_segment": [qseg.start, qseg.stop], "key_segment": [kseg.start, kseg.stop]}
+        if request.keys is not None:
+            meta["keys"] = [k - kseg.start for k in request.keys]
+        heads = self.config.heads if isinstance(self.config.heads, str) else tuple(self.config.heads)
+        common = dict(layer=layer, step=self.state.step, timestep=self.state.timestep, relation=relation, kind=kind,
+                      query_grid=grid_of(qseg, request.query_pool), key_grid=grid_of(kseg, request.key_pool),
+                      heads=heads, meta=meta)
+        if self.state.cfg_batched and data.shape[0] % 2 == 0:
+            half = data.shape[0] // 2
+            self.store.add(Record(branch="uncond", data=data[:half], **common))
+            self.store.add(Record(branch="cond", data=data[half:], **common))
+        else:
+            self.store.add(Record(branch=self.state.branch_of_call(), data=data, **common))
+
+    def estimate_bytes(self, layouts: Sequence[tuple[CallLayout, Sequence[str]]], batch: int, heads: int) -> int:
+        """Bytes one denoiser call would file for these layer layouts (products only)."""
+        from .validate import Shapes, check_request, product_bytes
+
+        total = 0
+        for layout, default in layouts:
+            nq = max(s.stop for s in layout.queries)
+            nk = max(s.stop for s in layout.keys)
+            shapes = Shapes(batch, heads, heads, nq, nk, 1, 1)
+            for _, _, _, request in self.requests_for(layout, default):
+                plan = check_request(MapRequest(**{**request.__dict__, "max_bytes": 2**62}), shapes)
+                sizes = product_bytes(plan, shapes)
+                # The per-head one-pass workspace is transient: count what is kept.
+                total += sum(v for k, v in sizes.items() if k == "map" or k == "rows" or k == "colsum")
+                total += batch * plan.heads_table.shape[0] * plan.query.nbins * 4 * (
+                    (plan.selected.numel() if plan.selected is not None else 0)
+                    + sum(s in plan.stats for s in ("entropy", "peak")))
+        return total
