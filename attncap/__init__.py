@@ -1,6 +1,8 @@
 """attncap: attention maps from flash-attention kernels, without materialising [B, H, Nq, Nk]."""
+from .capture import capture
 from .ops import attention
 from .request import MapRequest
+from .store import BudgetExceeded, Record, Store, load
 
 __version__ = "0.1.0"
-__all__ = ["attention", "MapRequest", "__version__"]
+__all__ = ["attention", "capture", "load", "MapRequest", "Record", "Store", "BudgetExceeded", "__version__"]

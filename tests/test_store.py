@@ -1,0 +1,160 @@
+"""attncap.store: selection, aggregation, token maps, save/load, spilling, budget, offload (CPU, fast)."""
+import json
+from contextlib import nullcontext
+
+import pytest
+import torch
+
+from attncap.store import BudgetExceeded, Record, Store, load
+
+L1 = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2"
+L2 = "unet.up_blocks.1.attentions.0.transformer_blocks.0.attn2"
+L3 = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1"
+
+
+def rec(layer=L1, step=0, kind="map", relation="image->text", branch="cond", data=None, grid=(4, 4), nk=6, **kw):
+    if data is None:
+        n = grid[0] * grid[1] if grid else 5
+        data = torch.rand(1, 1, n, nk) if kind in ("map", "tokens") else torch.rand(1, 1, n)
+    return Record(layer=layer, step=step, timestep=1000.0 - 100 * step, relation=relation, kind=kind,
+                  branch=branch, data=data, query_grid=grid, **kw)
+
+
+@pytest.fixture
+def store():
+    s = Store()
+    for step in range(3):
+        for layer in (L1, L2, L3):
+            s.add(rec(layer=layer, step=step, relation="image->image" if layer == L3 else "image->text",
+                      nk=16 if layer == L3 else 6))
+    s.add(rec(step=2, kind="entropy"))
+    return s
+
+
+def test_get_globs_lists_last(store):
+    assert len(store) == 10 and len(store.get()) == 9
+    assert {r.layer for r in store.get(layer="*attn2")} == {L1, L2}
+    assert {r.layer for r in store.get(layer=[L1, L3])} == {L1, L3}
+    assert [r.step for r in store.get(layer=L1, step="last")] == [2]
+    assert {r.step for r in store.get(layer=L1, step=[0, 2])} == {0, 2}
+    assert len(store.get(step=1, relation="image->text")) == 2
+    assert [r.kind for r in store.get(kind="entropy")] == ["entropy"]
+    assert store.get(branch="uncond") == []
+    with pytest.raises(ValueError, match="step must be"):
+        store.get(step="first")
+
+
+def test_aggregate_mean_sum_max(store):
+    recs = store.get(layer="*attn2", step=[0, 1])
+    stacked = torch.stack([r.data for r in recs])
+    torch.testing.assert_close(store.aggregate(layer="*attn2", step=[0, 1]), stacked.mean(0), rtol=0, atol=0)
+    torch.testing.assert_close(store.aggregate(layer="*attn2", step=[0, 1], reduce="sum"), stacked.sum(0))
+    torch.testing.assert_close(store.aggregate(layer="*attn2", step=[0, 1], reduce="max"), stacked.amax(0))
+    with pytest.raises(ValueError, match="image->image"):
+        store.aggregate(relation="video->text")
+
+
+def test_aggregate_size_resizes_grids():
+    s = Store()
+    hi, lo = torch.zeros(1, 1, 8, 8, 3), torch.zeros(1, 1, 4, 4, 3)
+    hi[0, 0, 2, 5, 1] = 1.0   # hot spot at (2, 5) of the 8x8 grid, key 1
+    lo[0, 0, 1, 2, 1] = 1.0   # the same place on the 4x4 grid: rows 2-3, cols 4-5 of 8x8
+    s.add(rec(layer=L1, data=hi.reshape(1, 1, 64, 3), grid=(8, 8)))
+    s.add(rec(layer=L2, data=lo.reshape(1, 1, 16, 3), grid=(4, 4)))
+    with pytest.raises(ValueError, match=r"size="):
+        s.aggregate()
+    out = s.aggregate(size=(8, 8))
+    assert out.shape == (1, 1, 64, 3)
+    m = out[0, 0, :, 1].reshape(8, 8)
+    assert divmod(int(m.argmax()), 8) == (2, 5)
+    assert m[2:4, 4:6].sum() > 0.5 * m.sum()
+    assert float(out[0, 0, :, 0].abs().max()) == 0.0
+    video = torch.rand(1, 1, 2 * 4 * 4, 3)   # (t, h, w) = (2, 4, 4): only h, w are resampled
+    s.add(rec(layer="transformer.blocks.0.attn2", relation="video->text", data=video, grid=(2, 4, 4)))
+    assert s.aggregate(relation="video->text", size=(8, 8)).shape == (1, 1, 2 * 8 * 8, 3)
+
+
+def test_token_map_words_subwords_and_index():
+    toks = ["<|startoftext|>", "a</w>", "Cat</w>", "on", "gir", "affe</w>", "\u2581cat", "<|endoftext|>"]
+    s = Store(tokens={"text": toks})
+    data = torch.rand(1, 2, 16, 8)
+    s.add(rec(data=data, heads="all"))
+    cat = s.token_map("cat")
+    assert cat.shape == (4, 4)
+    torch.testing.assert_close(cat, data[0][..., [2, 6]].mean(dim=(0, 2)).reshape(4, 4))
+    torch.testing.assert_close(s.token_map("giraffe"), data[0][..., [4, 5]].mean(dim=(0, 2)).reshape(4, 4))
+    torch.testing.assert_close(s.token_map(3), data[0, :, :, 3].mean(0).reshape(4, 4))
+    with pytest.raises(ValueError, match="endoftext"):
+        s.token_map("dog")
+    with pytest.raises(ValueError, match="key"):
+        s.token_map(11)
+    # "tokens" records are preferred; their columns are the key indices in meta["keys"]
+    tk = torch.rand(1, 1, 16, 2)
+    s.add(rec(kind="tokens", data=tk, meta={"keys": [6, 2]}))
+    torch.testing.assert_close(s.token_map("cat"), tk[0, 0].mean(-1).reshape(4, 4))
+    assert s.token_map(2, size=(8, 8)).shape == (8, 8)
+
+
+def test_save_load_round_trip(tmp_path, store):
+    store.tokens = {"text": [["a</w>", "cat</w>"], ["a</w>", "dog</w>"]]}
+    store.add(rec(kind="tokens", data=torch.rand(2, 3, 16, 2), heads=(0, 2, 5), branch=None,
+                  meta={"keys": [3, 4], "note": "x"}))
+    store.records[0].timestep = None
+    path = store.save(tmp_path / "saved")
+    assert (path / "index.json").exists()
+    back = load(path)
+    assert len(back) == len(store) and back.tokens == store.tokens and back.nbytes == store.nbytes
+    for a, b in zip(store, back):
+        for name in ("layer", "step", "timestep", "relation", "kind", "branch", "query_grid", "key_grid",
+                     "heads", "meta"):
+            assert getattr(a, name) == getattr(b, name), name
+        assert b.data.dtype == torch.float32 and torch.equal(a.data, b.data)
+    assert back.records[-1].heads == (0, 2, 5) and back.records[-1].query_grid == (4, 4)
+
+
+def test_spill_survives_kill_before_index(tmp_path):
+    spill = tmp_path / "spill"
+    s = Store(spill_dir=spill)
+    full = torch.rand(2, 1, 16, 6)   # CFG halves are views of one tensor
+    s.add(rec(data=full[:1], branch="uncond"))
+    s.add(rec(data=full[1:], branch="cond"))
+    s.add(rec(step=1))
+    assert len(list((spill / "records").glob("*.safetensors"))) == 3
+    assert len(json.loads((spill / "index.json").read_text())["records"]) == 3
+    for kill in ("truncate", "delete", "stale"):
+        idx = spill / "index.json"
+        if kill == "stale":   # index written after the first record only
+            s2 = json.loads(idx.read_text())
+            s2["records"] = s2["records"][:1]
+            idx.write_text(json.dumps(s2))
+        elif kill == "truncate":
+            idx.write_text(idx.read_text()[:40])
+        else:
+            idx.unlink()
+        with pytest.warns(UserWarning) if kill == "truncate" else nullcontext():
+            back = load(spill)
+        assert [r.branch for r in back] == ["uncond", "cond", "cond"] and [r.step for r in back] == [0, 0, 1]
+        for a, b in zip(s, back):
+            assert torch.equal(a.data, b.data)
+        s._write_index(spill, spilled=True)
+    with pytest.raises(FileExistsError):
+        Store(spill_dir=spill)
+
+
+def test_budget_exceeded_keeps_earlier_records(tmp_path):
+    s = Store(max_bytes=2 * 16 * 6 * 4, spill_dir=tmp_path / "b")
+    s.add(rec())
+    s.add(rec(step=1))
+    with pytest.raises(BudgetExceeded, match=r"holds 768 bytes.*384.*max_bytes=768"):
+        s.add(rec(step=2))
+    assert len(s) == 2 and s.nbytes == 768 and [r.step for r in s] == [0, 1]
+    assert len(load(tmp_path / "b")) == 2
+
+
+def test_offload_and_validation():
+    s = Store(offload="cpu")
+    s.add(rec(data=torch.rand(1, 1, 16, 6, dtype=torch.float64)))
+    assert s.records[0].data.device.type == "cpu" and s.records[0].data.dtype == torch.float32
+    with pytest.raises(ValueError, match="kind"):
+        s.add(rec(kind="entropy", data=torch.rand(1, 1, 16, 6)))
+    assert "steps 0" in s.summary() and L1 in s.summary()
