@@ -18,13 +18,13 @@ $(STAMP): requirements-cpu.txt setup.py
 
 # The CPU suite: the chunked CPU path, and the Triton kernels through the interpreter.
 test: $(STAMP)
-	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+	TRITON_INTERPRET=1 $(VENV)/bin/pytest -q tests
 
 demo: $(STAMP)
 	$(VENV)/bin/attncap demo
 
 bench: $(STAMP)
-	$(PY) -m pytest -q benchmarks --benchmark-only --benchmark-json=benchmarks/cpu.json
+	$(VENV)/bin/pytest -q benchmarks --benchmark-only --benchmark-json=benchmarks/cpu.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

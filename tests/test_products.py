@@ -145,3 +145,29 @@ def test_small_workspace_chunks_give_the_same_products(monkeypatch):
     _, chunked = attncap.attention(q, k, v, request=req, backend="torch")
     for name in whole:
         torch.testing.assert_close(chunked[name], whole[name], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_several_requests_share_one_forward(backend: str, poison_outputs):
+    """Two relations of one joint [image, text] sequence, as SD3 has: one call, two product sets."""
+    q, k, v = (torch.randn(1, 2, 30 + 6, 40, device=DEVICE) for _ in range(3))
+    image_to_text = MapRequest(query_range=(0, 30), query_grid=(5, 6), key_range=(30, 36), keys=[31, 33])
+    text_to_image = MapRequest(heads="all", query_range=(30, 36), key_range=(0, 30), key_grid=(5, 6), key_pool=2,
+                               keys=[2, 31], stats=("entropy",))
+    out, (a, b) = attncap.attention(q, k, v, request=[image_to_text, text_to_image], backend=backend)
+    for request, got in ((image_to_text, a), (text_to_image, b)):
+        _, ref = attention_reference(q.cpu(), k.cpu(), v.cpu(), request=request)
+        assert set(got) == set(ref)
+        for name in ref:
+            torch.testing.assert_close(got[name].cpu().double(), ref[name], **PRODUCT_TOL)
+
+
+def test_a_thousand_tokens_through_the_kernels(poison_outputs):
+    """Many tiles on both axes (1000 = 31 full blocks of 32 and a ragged one) with pooling."""
+    q, k, v = (torch.randn(1, 1, 1000, 40, device=DEVICE) for _ in range(3))
+    request = MapRequest(query_grid=(25, 40), key_grid=(25, 40), query_pool=3, key_pool=(2, 7), stats=("colsum", "entropy"))
+    out, got = attncap.attention(q, k, v, request=request, backend="triton")
+    ref_out, ref = attention_reference(q.cpu(), k.cpu(), v.cpu(), request=request)
+    torch.testing.assert_close(out.cpu().double(), ref_out, atol=OUT_TOL[torch.float32], rtol=OUT_TOL[torch.float32])
+    for name in ref:
+        torch.testing.assert_close(got[name].cpu().double(), ref[name], **PRODUCT_TOL)
