@@ -1,13 +1,13 @@
 """Test setup: Triton through its interpreter on CPU, NaN-poisoned fresh outputs, seeded inputs."""
 import os
 
-# Must be set before triton.jit decorates the kernels: then they run on CPU tensors.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 GPU = torch.cuda.is_available()
+if not GPU:
+    # Must be set before triton.jit decorates the kernels: then they run on CPU tensors.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture
