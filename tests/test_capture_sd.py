@@ -178,3 +178,22 @@ def test_spill_dir_of_a_killed_run_loads(tmp_path: Path):
     assert len(store.records) == 7 * 2  # step 0 only: seven cross-attention layers x two CFG halves
     assert {r.step for r in store.records} == {0}
     assert all(r.data.shape[-1] == 7 for r in store.records)
+
+
+def test_sdxl_non_square_grid_and_unchanged_image():
+    from tiny_pipelines import sdxl_inputs, tiny_sdxl
+
+    pipe = tiny_sdxl()
+    plain = pipe(**sdxl_inputs()).images
+    with attncap.capture(pipe, relations=["image->text", "image->image"], pool=2, stats=("colsum",)) as store:
+        captured = pipe(**sdxl_inputs()).images
+    torch.testing.assert_close(captured, plain, atol=1e-5, rtol=1e-5)
+    cross = store.get(layer="*attn2", relation="image->text", kind="map", branch="cond", step=1)
+    assert len(cross) == 8  # two transformer blocks each in down_blocks.1, mid_block, and 2x in up_blocks.0
+    # 48x32 image -> 24x16 latent -> 12x8 tokens in the attention blocks -> pool 2 -> 6x4
+    assert all(r.query_grid == (6, 4) and r.data.shape == (1, 1, 24, 9) for r in cross)
+    # Each query's probabilities over the 9 text tokens sum to 1: normalised over all keys of the call.
+    torch.testing.assert_close(cross[0].data.sum(-1), torch.ones(1, 1, 24), atol=1e-5, rtol=0)
+    colsum = store.get(layer="*attn1", relation="image->image", kind="colsum", branch="cond", step=0)[0]
+    # 96 queries each give mass 1; averaging over 4-token key bins leaves 96 / 4 in total.
+    assert colsum.data.shape == (1, 1, 24) and abs(colsum.data.sum().item() - 24) < 1e-3
