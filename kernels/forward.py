@@ -96,8 +96,10 @@ def attn_fwd_kernel(
             b_v = b_v.to(tl.float32)
         b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
         if HAS_SEL:
-            b_w = (o_n[:, None] == b_sel[None, :]).to(tl.float32)
-            b_tok = b_tok * b_alpha[:, None] + tl.dot(b_p, b_w)
+            # fp16 operands: the one-hot tile is exact and P keeps an 11-bit significand (as tf32
+            # would), at half the registers of fp32 tiles.
+            b_w = (o_n[:, None] == b_sel[None, :]).to(tl.float16)
+            b_tok = b_tok * b_alpha[:, None] + tl.dot(b_p.to(tl.float16), b_w)
         b_m = b_m_new
 
     b_empty = b_l == 0.0

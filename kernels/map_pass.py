@@ -9,6 +9,8 @@ Each program owns a tile of output bins [BLOCK_QB query bins, BLOCK_KB key bins]
 so the program's bins are one contiguous run of slots, which it walks in blocks. Pooling is a
 product with one-hot matrices built in registers, Aq^T P Ak, so bins may hold any number of tokens
 (grids that pooling factors do not divide need no padding). Unpooled axes skip that product.
+The pooling dots take fp16 operands: one-hot tiles are exact, P and its key-pooled sums keep an
+11-bit significand (tf32's precision), and fp16 tiles halve the registers fp32 ones would hold.
 The head loop sits inside the program: head means need no atomics either.
 
 Shape legend: B batch, H query heads, G head groups (output heads), HPG heads per group,
@@ -80,7 +82,7 @@ def attn_map_kernel(
             b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse)
             if POOL_Q:
                 b_qbin = tl.load(QBIN + s_m, mask=m_m, other=-1) - qb0
-                b_aq = (b_qbin[:, None] == o_qb[None, :]).to(tl.float32)
+                b_aq = (b_qbin[:, None] == o_qb[None, :]).to(tl.float16)
             for ks in range(k_lo, k_hi, BLOCK_N):
                 s_n = ks + tl.arange(0, BLOCK_N)
                 m_n = s_n < k_hi
@@ -95,10 +97,10 @@ def attn_map_kernel(
                 b_p = tl.exp2(b_s - b_lse[:, None])
                 if POOL_K:
                     b_kbin = tl.load(KBIN + s_n, mask=m_n, other=-1) - kb0
-                    b_ak = (b_kbin[:, None] == o_kb[None, :]).to(tl.float32)
-                    b_p = tl.dot(b_p, b_ak)
+                    b_ak = (b_kbin[:, None] == o_kb[None, :]).to(tl.float16)
+                    b_p = tl.dot(b_p.to(tl.float16), b_ak)
                 if POOL_Q:
-                    b_acc += tl.dot(tl.trans(b_aq), b_p)
+                    b_acc += tl.dot(tl.trans(b_aq), b_p.to(tl.float16))
                 else:
                     b_acc += b_p
 
@@ -114,10 +116,11 @@ def attn_map_kernel(
 
 
 def _bins_per_tile(plan_pooled: bool, max_bin: int, slots_per_block: int) -> int:
-    """Bins per program tile: unpooled axes use one slot block; pooled ones ~4 slot blocks of bins."""
+    """Bins per program tile: unpooled axes use one slot block; pooled ones ~4 slot blocks of bins,
+    16 to 32 (more spills registers at D=128 on sm_90, see tools/compile_kernels.py)."""
     if not plan_pooled:
         return slots_per_block
-    return max(16, min(64, triton.next_power_of_2(max(1, 4 * slots_per_block // max(1, max_bin)))))
+    return max(16, min(32, triton.next_power_of_2(max(1, 4 * slots_per_block // max(1, max_bin)))))
 
 
 def map_pass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float, qplan, kplan,

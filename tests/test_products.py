@@ -9,8 +9,10 @@ Tolerances, by what limits them:
   (exact fp32 arithmetic), 2e-3 on GPU (tf32 dots, 10-bit mantissa); fp16 (11-bit) 2e-3;
   bf16 (8-bit) 1.6e-2.
 * products: always float32 from the same (already rounded) q and k values the reference sees,
-  so the input dtype does not matter; fp32 accumulation gives ~1e-6 relative; on GPU the
-  one-hot pooling and token dots run as tf32 (rel. 2^-11 per term), hence 2e-3 there.
+  so the input dtype does not matter. The CPU path accumulates in fp32: ~1e-6 relative, rtol 1e-4.
+  The kernels feed P to the token and pooling dots as fp16 (11-bit significand, unit roundoff
+  4.9e-4, the precision tf32 would give) on every device: rtol 1e-3, twice that roundoff. On GPU
+  fp32 inputs also meet tf32 in QK^T, hence 2e-3 there.
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ from conftest import GPU
 
 DEVICE = "cuda" if GPU else "cpu"
 OUT_TOL = {torch.float32: 2e-3 if GPU else 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-PRODUCT_TOL = dict(atol=2e-3, rtol=2e-3) if GPU else dict(atol=2e-6, rtol=1e-4)
+PRODUCT_TOL = dict(atol=2e-3, rtol=2e-3) if GPU else dict(atol=2e-6, rtol=1e-3)
+CPU_PATH_TOL = dict(atol=2e-6, rtol=1e-4)
 
 
 @dataclass
@@ -109,7 +112,8 @@ def test_products_match_reference(case: Case, backend: str, poison_outputs):
         assert got.dtype == torch.float32, name
         assert got.shape == ref.shape, name
         assert not torch.isnan(got).any(), f"{name} has NaN (unwritten tile or masked row)"
-        torch.testing.assert_close(got.cpu().double(), ref, **PRODUCT_TOL, msg=lambda m: f"{name}: {m}")
+        tol = CPU_PATH_TOL if backend == "torch" else PRODUCT_TOL
+        torch.testing.assert_close(got.cpu().double(), ref, **tol, msg=lambda m, n=name: f"{n}: {m}")
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])

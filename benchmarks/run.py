@@ -1,0 +1,83 @@
+"""Run every benchmark measurement and write the rows as JSON.
+
+    python benchmarks/run.py [--device cpu|cuda] [--out benchmarks/results-<device>.json]
+                             [--shapes sd15_self,wan480_self] [--providers sdpa,naive]
+
+Each (provider, shape) runs in a fresh process (benchmarks/measure.py), so every peak-memory figure
+is that provider's alone. For each shape attncap_fused runs first and saves its products, which
+every other provider must match (1e-4 on CPU) before it is timed. CPU shapes are scaled-down
+stand-ins of the real ones; every row names its real shape in "scaled_from".
+Then render the tables: python benchmarks/report.py
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from providers import PROVIDERS  # noqa: E402
+from shapes import shapes_for  # noqa: E402
+
+ORDER = ("attncap_fused", "sdpa", "attncap_plain", "chunked_eager", "naive")  # attncap_fused first: the yardstick
+WORKER_TIMEOUT_S = 600
+
+
+def run_worker(cfg: dict) -> list[dict]:
+    """Rows from one measure.py process; a crashed or hung worker yields error rows."""
+    cmd = [sys.executable, os.path.join(HERE, "measure.py"), json.dumps(cfg)]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
+        rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+        if res.returncode == 0:
+            return rows
+        problem = f"worker exited {res.returncode}: {res.stderr.strip().splitlines()[-1:]}"
+    except subprocess.TimeoutExpired:
+        rows, problem = [], f"worker took over {WORKER_TIMEOUT_S} s"
+    done = {r["task"] for r in rows}
+    return rows + [dict(provider=cfg["provider"], shape=cfg["shape"], scaled_from=cfg["scaled_from"], task=t,
+                        error=problem) for t in cfg["tasks"] if t not in done]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--out", default=None, help="default: benchmarks/results-<device>.json")
+    ap.add_argument("--shapes", default=None, help="comma-separated shape names (default: all)")
+    ap.add_argument("--providers", default=None, help=f"comma-separated, from {','.join(PROVIDERS)}")
+    args = ap.parse_args()
+    out_path = args.out or os.path.join(HERE, f"results-{args.device}.json")
+    wanted = set(args.providers.split(",")) if args.providers else set(PROVIDERS)
+    wanted.add("attncap_fused")  # the others are checked against it
+    shapes = [(s, src) for s, src in shapes_for(args.device) if not args.shapes or s.name in args.shapes.split(",")]
+    rows: list[dict] = []
+    t_start = time.time()
+    with tempfile.TemporaryDirectory(prefix="attncap-bench-") as refdir:
+        for shape, scaled_from in shapes:
+            for provider in (p for p in ORDER if p in wanted):
+                tasks = ["forward"] if provider in ("sdpa", "attncap_plain") else list(shape.tasks)
+                cfg = dict(provider=provider, shape=shape.name, device=args.device, tasks=tasks,
+                           scaled_from=scaled_from, refdir=refdir, save_ref=provider == "attncap_fused")
+                for row in run_worker(cfg):
+                    rows.append(row)
+                    status = row.get("error") or row.get("skipped") or \
+                        f"{row['median_ms']:10.1f} ms  {row['peak_extra_mib']:8.1f} MiB"
+                    print(f"{shape.name:14s} {row['task']:22s} {provider:14s} {status}", flush=True)
+            write(out_path, rows, args, time.time() - t_start)
+    print(f"{len(rows)} rows in {time.time() - t_start:.0f} s -> {out_path}")
+
+
+def write(path: str, rows: list[dict], args, seconds: float) -> None:
+    doc = dict(command=" ".join(["python benchmarks/run.py"] + sys.argv[1:]), device=args.device,
+               suite_seconds=round(seconds, 1), rows=rows)
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
