@@ -48,6 +48,13 @@ def forward(q, k, v, out, scale, mask=None, mask_kind=0, key_padding=None, is_ca
     """Chunked twin of attncap.kernels.forward (same arguments, same returns)."""
     B, H, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
+    if mask_kind == 0 and key_padding is None and selected is None and not want_stats and H == Hk \
+            and v.shape[-1] == D:
+        # Nothing rides on this forward but the LSE: PyTorch's fused CPU flash kernel returns both,
+        # several times faster than the chunked loop below.
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal, scale=scale)
+        out.copy_(o)
+        return lse, None, None, None
     lse = torch.empty((B, H, Nq), dtype=torch.float32)
     n_sel = 0 if selected is None else selected.numel()
     tokens = torch.empty((B, H, Nq, n_sel)) if n_sel else None

@@ -1,15 +1,21 @@
 """One benchmark worker: a fresh process measuring one provider on one shape, task by task.
 
-    python benchmarks/measure.py '{"provider": "chunked_eager", "shape": "sd15_self", "device": "cpu",
-                                   "tasks": ["pooled_map"], "refdir": "/tmp/x", "save_ref": false}'
+run.py starts each worker as a child of a multiprocessing fork server that has imported torch and
+attncap and computed nothing (so a worker starts in milliseconds, with no memory left over from
+any other measurement) and calls worker(cfg, conn). By hand, for one measurement:
 
-prints one JSON row per task on stdout. Per task:
+    python benchmarks/measure.py '{"provider": "attncap_fused", "shape": "sd15_self", "device": "cpu",
+                                   "tasks": ["pooled_map"], "scaled_from": "?", "refdir": "/tmp/x",
+                                   "save_ref": true}'
+
+prints one JSON row per task. Per task:
   1. warm-up call, untimed; its products are checked against attncap_fused's (saved by the
      attncap_fused worker, which runs first for each shape): a provider that disagrees is not timed;
   2. memory call: CPU: gc, malloc_trim(0) (freed heap pages go back to the OS), reset the kernel's
      peak-RSS counter (write 5 to /proc/self/clear_refs), read VmRSS, run, read VmHWM:
      peak_extra = VmHWM - VmRSS. CUDA: reset_peak_memory_stats, max_memory_allocated - allocated;
-  3. timed calls: perf_counter (CPU) or CUDA events; median, p20, p80.
+  3. timed calls: perf_counter (CPU) or CUDA events; median, p20, p80 of 7 calls (5 when a call
+     takes over 0.3 s; on CPU, 3 when it takes over 2 s, the memory call being the first of them).
 Task "forward" is the capture-free call (sdpa, attncap_plain); it has no request.
 Inputs: q, k, v [B, H, N, D] from torch.manual_seed(0), float32 on CPU, bfloat16 on CUDA.
 """
@@ -36,6 +42,7 @@ from shapes import CPU, REAL, SWEEP, request_for  # noqa: E402
 MiB = 2**20
 TOLERANCE = {"cpu": 1e-4, "cuda": 2e-3}  # products; cuda: tf32 pooling dots (see tests/test_products.py)
 OUT_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+SLOW_MS = 2000
 
 
 def find_shape(name: str, device: str):
@@ -164,12 +171,16 @@ def measure(cfg: dict) -> list[dict]:
         memory.start()
         start = time.perf_counter()
         call()
-        once = time.perf_counter() - start
+        if device == "cuda":
+            torch.cuda.synchronize()
+        first_ms = (time.perf_counter() - start) * 1e3
         row["peak_extra_mib"] = round(memory.extra() / MiB, 1)
-        repeats = cfg.get("repeats") or (7 if once < 0.3 else 5 if once < 1.0 else 3)
-        times = timed(call, device, repeats)
+        if device == "cpu" and first_ms > SLOW_MS:  # slow calls: the memory call is a timed sample too
+            times = [first_ms] + timed(call, device, 2)
+        else:
+            times = timed(call, device, 7 if first_ms < 300 else 5)
         p20, p50, p80 = np.percentile(times, [20, 50, 80])
-        row.update(median_ms=round(p50, 3), p20_ms=round(p20, 3), p80_ms=round(p80, 3), repeats=repeats)
+        row.update(median_ms=round(p50, 3), p20_ms=round(p20, 3), p80_ms=round(p80, 3), repeats=len(times))
     return rows
 
 
@@ -193,6 +204,15 @@ def triton_version() -> str:
         return triton.__version__
     except ImportError:
         return "absent"
+
+
+def worker(cfg: dict, conn) -> None:
+    """Entry point of a worker process: sends its rows, or the error that stopped it, over conn."""
+    try:
+        conn.send(measure(cfg))
+    except Exception as e:  # noqa: BLE001 - reported as error rows by run.py
+        conn.send(f"{type(e).__name__}: {e}")
+    conn.close()
 
 
 if __name__ == "__main__":

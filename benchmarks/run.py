@@ -3,9 +3,10 @@
     python benchmarks/run.py [--device cpu|cuda] [--out benchmarks/results-<device>.json]
                              [--shapes sd15_self,wan480_self] [--providers sdpa,naive]
 
-Each (provider, shape) runs in a fresh process (benchmarks/measure.py), so every peak-memory figure
-is that provider's alone. For each shape attncap_fused runs first and saves its products, which
-every other provider must match (1e-4 on CPU) before it is timed. CPU shapes are scaled-down
+Each (provider, shape) runs in a fresh process (benchmarks/measure.py, forked from a server that
+has only imported torch and attncap), so every peak-memory figure is that provider's alone. For
+each shape attncap_fused runs first and saves its products, which every other provider must match
+(1e-4 on CPU) before it is timed. CPU shapes are scaled-down
 stand-ins of the real ones; every row names its real shape in "scaled_from".
 Then render the tables: python benchmarks/report.py
 """
@@ -13,14 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
-import subprocess
 import sys
 import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+import measure  # noqa: E402
 from providers import PROVIDERS  # noqa: E402
 from shapes import shapes_for  # noqa: E402
 
@@ -28,20 +30,25 @@ ORDER = ("attncap_fused", "sdpa", "attncap_plain", "chunked_eager", "naive")  # 
 WORKER_TIMEOUT_S = 600
 
 
-def run_worker(cfg: dict) -> list[dict]:
-    """Rows from one measure.py process; a crashed or hung worker yields error rows."""
-    cmd = [sys.executable, os.path.join(HERE, "measure.py"), json.dumps(cfg)]
+def run_worker(ctx, cfg: dict) -> list[dict]:
+    """Rows from one fresh worker process; a crashed or hung worker yields error rows."""
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=measure.worker, args=(cfg, send))
+    proc.start()
+    send.close()
     try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
-        rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
-        if res.returncode == 0:
-            return rows
-        problem = f"worker exited {res.returncode}: {res.stderr.strip().splitlines()[-1:]}"
-    except subprocess.TimeoutExpired:
-        rows, problem = [], f"worker took over {WORKER_TIMEOUT_S} s"
-    done = {r["task"] for r in rows}
-    return rows + [dict(provider=cfg["provider"], shape=cfg["shape"], scaled_from=cfg["scaled_from"], task=t,
-                        error=problem) for t in cfg["tasks"] if t not in done]
+        result = receive.recv() if receive.poll(WORKER_TIMEOUT_S) else f"worker took over {WORKER_TIMEOUT_S} s"
+    except EOFError:  # died without a word: killed for memory, or a crash
+        result = None
+    if isinstance(result, str) and proc.is_alive():
+        proc.kill()
+    proc.join()
+    if result is None:
+        result = f"worker died with exit code {proc.exitcode}"
+    if isinstance(result, list):
+        return result
+    return [dict(provider=cfg["provider"], shape=cfg["shape"], scaled_from=cfg["scaled_from"], task=t, error=result)
+            for t in cfg["tasks"]]
 
 
 def main() -> None:
@@ -55,6 +62,8 @@ def main() -> None:
     wanted = set(args.providers.split(",")) if args.providers else set(PROVIDERS)
     wanted.add("attncap_fused")  # the others are checked against it
     shapes = [(s, src) for s, src in shapes_for(args.device) if not args.shapes or s.name in args.shapes.split(",")]
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "attncap", "measure"])
     rows: list[dict] = []
     t_start = time.time()
     with tempfile.TemporaryDirectory(prefix="attncap-bench-") as refdir:
@@ -63,7 +72,7 @@ def main() -> None:
                 tasks = ["forward"] if provider in ("sdpa", "attncap_plain") else list(shape.tasks)
                 cfg = dict(provider=provider, shape=shape.name, device=args.device, tasks=tasks,
                            scaled_from=scaled_from, refdir=refdir, save_ref=provider == "attncap_fused")
-                for row in run_worker(cfg):
+                for row in run_worker(ctx, cfg):
                     rows.append(row)
                     status = row.get("error") or row.get("skipped") or \
                         f"{row['median_ms']:10.1f} ms  {row['peak_extra_mib']:8.1f} MiB"

@@ -82,7 +82,7 @@ CPU = {s.name: s for s in (
 )}
 SWEEP = {f"wan_self_{math.prod(g)}": replace(REAL["wan720_self"], name=f"wan_self_{math.prod(g)}", H=1, grid=g,
                                               model="WAN 720p-aspect self-attn sweep", tasks=(MAIN,))
-         for g in ((4, 9, 16), (4, 18, 32), (4, 27, 48))}
+         for g in ((4, 9, 16), (4, 27, 48))}
 
 
 def shapes_for(device: str) -> list[tuple[Shape, str]]:

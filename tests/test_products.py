@@ -65,6 +65,9 @@ CASES = [
                       key_pool=(1, 2, 2), stats=("colsum", "entropy"))),
     Case("padding-d96", 2, 2, 2, 33, 50, 96, mask="padding",
          request=dict(heads="mean", keys=[1, 49], queries=[32], stats=("entropy", "peak", "colsum"))),
+    # No one-pass product and no mask: the CPU path takes PyTorch's fused CPU flash forward here.
+    Case("causal-90x40-bf16-fused-cpu-forward", 2, 2, 2, 90, 40, 64, torch.bfloat16, causal=True,
+         request=dict(heads="all", queries=[0, 39, 89], query_grid=(9, 10), query_pool=3, map=True)),
     Case("d160-video-fp16", 1, 1, 1, 60, 37, 160, torch.float16,
          request=dict(query_grid=(3, 4, 5), query_pool=(2, 3, 2), stats=("colsum",))),
 ]
