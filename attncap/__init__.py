@@ -2,7 +2,9 @@
 from .capture import capture
 from .ops import attention
 from .request import MapRequest
+from .session import CallLayout, Segment
 from .store import BudgetExceeded, Record, Store, load
 
 __version__ = "0.1.0"
-__all__ = ["attention", "capture", "load", "MapRequest", "Record", "Store", "BudgetExceeded", "__version__"]
+__all__ = ["attention", "capture", "load", "MapRequest", "Record", "Store", "BudgetExceeded", "CallLayout",
+           "Segment", "__version__"]

@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .prompts import Alignment, is_special
+from .prompts import Alignment
 from .store import Record, Store, _resize
 
 EPS = 1e-12
@@ -73,7 +73,7 @@ def iou(a: torch.Tensor, b: torch.Tensor) -> float:
 # selecting records and resolving words
 # ----------------------------------------------------------------------------------------------
 
-def _cond_first(recs: list[Record], branch: str | None) -> list[Record]:
+def cond_first(recs: list[Record], branch: str | None) -> list[Record]:
     if branch is None and any(r.branch == "cond" for r in recs):
         return [r for r in recs if r.branch == "cond"]
     return recs
@@ -91,7 +91,7 @@ def text_records(store: Store, relation: str | None = None, layer=None, step=Non
             if is_text_record(r)]
     if relation is None and any(r.relation.endswith("->text") for r in recs):
         recs = [r for r in recs if r.relation.endswith("->text")]
-    recs = _cond_first(recs, branch)
+    recs = cond_first(recs, branch)
     if kind is not None:
         return [r for r in recs if r.kind == kind]
     maps = [r for r in recs if r.kind == "map"]
@@ -103,8 +103,10 @@ def text_length(store: Store) -> int:
     maps = [r for r in store.records if is_text_record(r) and r.kind == "map"]
     if maps:
         return int(maps[0].data.shape[-1])
-    toks = [k for r in store.records if is_text_record(r) for k in r.meta.get("keys", ())]
-    return max(toks) + 1 if toks else 0
+    recs = [r for r in store.records if is_text_record(r)]
+    segs = [r.meta["key_segment"][1] - r.meta["key_segment"][0] for r in recs if r.meta.get("key_segment")]
+    toks = [k for r in recs for k in r.meta.get("keys", ())]
+    return max(segs + [max(toks) + 1 if toks else 0]) if recs else 0
 
 
 def alignment_of(store: Store, batch: int = 0) -> Alignment:
@@ -125,7 +127,12 @@ def keys_of(store: Store | Alignment, what: str | int | Sequence[int]) -> list[i
             return [int(what)]
         raise ValueError(f"cannot look up the word {what!r}: the store has no tokens (set store.tokens = "
                          "attncap.prompts.align(tokenizer, prompt).to_tokens(), or pass key indices)")
-    return a.indices(what)
+    try:
+        return a.indices(what)
+    except ValueError:
+        if what.strip().isdigit():  # "3" on the command line: a key index
+            return [int(what)]
+        raise
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,11 +158,11 @@ class TextMaps:
         return self.data[..., cols].mean(-1)
 
 
-def _largest_hw(grids) -> tuple[int, int]:
+def largest_hw(grids) -> tuple[int, int]:
     return max((tuple(g[-2:]) for g in grids), key=lambda g: (g[0] * g[1], g))
 
 
-def _query_maps(r: Record, batch: int) -> torch.Tensor:
+def query_maps(r: Record, batch: int) -> torch.Tensor:
     if batch >= r.data.shape[0]:
         raise ValueError(f"batch={batch} but record {r.layer!r} step {r.step} has batch {r.data.shape[0]}")
     return r.data[batch].float().mean(0)  # [Qb, K]
@@ -179,10 +186,10 @@ def aggregate(store: Store, size: tuple[int, int] | None = None, relation: str |
         keys = sorted(common)
         if not keys:
             raise ValueError("the selected tokens records share no key; select fewer layers or steps")
-    hw = tuple(size) if size is not None else _largest_hw(r.query_grid for r in recs)
+    hw = tuple(size) if size is not None else largest_hw(r.query_grid for r in recs)
     total, grid = None, None
     for r in recs:
-        x = _query_maps(r, batch)
+        x = query_maps(r, batch)
         if r.kind == "tokens":
             x = x[:, [r.meta["keys"].index(k) for k in keys]]
         elif x.shape[-1] != len(keys):
@@ -235,7 +242,7 @@ def token_scores(store: Store, relation: str | None = None, layer=None, step=Non
         n = text_length(store) or 1
         total, count = torch.zeros(n), torch.zeros(n)
         for r in recs:
-            v = _query_maps(r, batch).mean(0)
+            v = query_maps(r, batch).mean(0)
             keys = list(range(v.shape[0])) if r.kind == "map" else r.meta["keys"]
             if max(keys) >= n:
                 total, count = F.pad(total, (0, max(keys) + 1 - n)), F.pad(count, (0, max(keys) + 1 - n))
@@ -245,7 +252,7 @@ def token_scores(store: Store, relation: str | None = None, layer=None, step=Non
         return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, float("nan")))
     cols = [r for r in store.get(layer=layer, step=step, relation=relation, kind="colsum", branch=branch)
             if r.key_grid is None and (relation is not None or r.relation.endswith("->text"))]
-    cols = _cond_first(cols, branch)
+    cols = cond_first(cols, branch)
     if not cols:
         raise ValueError("no map, tokens or colsum record of a text relation matches the selection")
     out = []
@@ -312,7 +319,7 @@ def evolution(store: Store, word: str | int | Sequence[int], size=None, relation
     steps = steps_of(store, relation, layer, branch)
     if not steps:
         raise ValueError("no text map records to follow over steps")
-    hw = tuple(size) if size else _largest_hw(r.query_grid for r in text_records(store, relation, layer, None, branch))
+    hw = tuple(size) if size else largest_hw(r.query_grid for r in text_records(store, relation, layer, None, branch))
     maps = [aggregate(store, hw, relation, layer, s, branch, batch).word(keys) for s in steps]
     return steps, torch.stack(maps)
 
@@ -325,10 +332,10 @@ def spatial_records(store: Store, relation: str | None = None, layer=None, step=
     """"map" records with grids on both axes (image->image, video->video), cond first."""
     recs = [r for r in store.get(layer=layer, step=step, relation=relation, kind="map", branch=branch)
             if r.query_grid is not None and r.key_grid is not None]
-    return _cond_first(recs, branch)
+    return cond_first(recs, branch)
 
 
-def _bin_of(point: Sequence[float], grid: Sequence[int]) -> int:
+def bin_of(point: Sequence[float], grid: Sequence[int]) -> int:
     """Flat index of the bin holding a point given as fractions in [0, 1) of each grid axis."""
     if len(point) < len(grid):
         point = (0.0,) * (len(grid) - len(point)) + tuple(point)
@@ -346,10 +353,10 @@ def query_row(store: Store, point: Sequence[float], size=None, relation: str | N
     recs = spatial_records(store, relation, layer, step, branch)
     if not recs:
         raise ValueError("no map record with grids on both axes (e.g. image->image) matches the selection")
-    hw = tuple(size) if size else _largest_hw(r.key_grid for r in recs)
+    hw = tuple(size) if size else largest_hw(r.key_grid for r in recs)
     rows = []
     for r in recs:
-        row = _query_maps(r, batch)[_bin_of(point, r.query_grid)]
+        row = query_maps(r, batch)[bin_of(point, r.query_grid)]
         g = tuple(r.key_grid)
         if g[-2:] != hw:
             row, g = _resize(row[None], 1, g, hw)
@@ -360,12 +367,20 @@ def query_row(store: Store, point: Sequence[float], size=None, relation: str | N
 
 def received(r: Record, batch: int = 0) -> torch.Tensor:
     """[*key grid] attention each key bin receives (mean over queries and heads) of a spatial map."""
-    return _query_maps(r, batch).mean(0).reshape(r.key_grid)
+    return query_maps(r, batch).mean(0).reshape(r.key_grid)
 
 
 # ----------------------------------------------------------------------------------------------
 # per-layer statistics table
 # ----------------------------------------------------------------------------------------------
+
+def _bin_size(r: Record) -> float:
+    """Mean number of key tokens per key bin (1 without key pooling)."""
+    seg = r.meta.get("key_segment")
+    if not seg or r.key_grid is None:
+        return 1.0
+    return (seg[1] - seg[0]) / max(1, math.prod(r.key_grid))
+
 
 def layer_stats(store: Store, step=None, branch: str | None = None, batch: int = 0) -> list[dict]:
     """One row per (layer, relation) of map records: mean row entropy (nats; exact over all keys
@@ -378,7 +393,7 @@ def layer_stats(store: Store, step=None, branch: str | None = None, batch: int =
     labels = special = None
     rows = []
     for (layer, rel), recs in groups.items():
-        recs = _cond_first(recs, branch)
+        recs = cond_first(recs, branch)
         maps = [r for r in recs if r.kind == "map"]
         ent = [r for r in recs if r.kind == "entropy"]
         pk = [r for r in recs if r.kind == "peak"]
@@ -386,17 +401,19 @@ def layer_stats(store: Store, step=None, branch: str | None = None, batch: int =
             continue
         row = {"layer": layer, "relation": rel, "steps": len({r.step for r in recs}),
                "grid": "x".join(map(str, (maps or ent or pk)[0].query_grid or ())) or "-"}
-        rmaps = [_query_maps(r, batch) for r in maps]
+        rmaps = [query_maps(r, batch) for r in maps]
+        scale = _bin_size(maps[0]) if maps else 1.0  # key tokens per key bin (pooled keys)
         if ent:
             row["entropy"], row["entropy_source"] = float(torch.stack([e.data[batch].mean() for e in ent]).mean()), "exact"
-        elif rmaps:
-            row["entropy"], row["entropy_source"] = float(torch.stack([entropy(m).mean() for m in rmaps]).mean()), "block"
+        elif rmaps:  # pooled keys: entropy over bins + log(bin size), i.e. uniform within a bin (an upper bound)
+            h = float(torch.stack([entropy(m).mean() for m in rmaps]).mean()) + math.log(scale)
+            row["entropy"], row["entropy_source"] = h, "block" if scale == 1 else "pooled"
         if rmaps:
             row["sparsity"] = float(torch.stack([gini(m).mean() for m in rmaps]).mean())
-            row["mass"] = float(torch.stack([m.sum(-1).mean() for m in rmaps]).mean())
+            row["mass"] = float(torch.stack([m.sum(-1).mean() for m in rmaps]).mean()) * scale
         if pk:
             row["peak"] = float(torch.stack([p.data[batch].mean() for p in pk]).mean())
-        elif rmaps:
+        elif rmaps and scale == 1:
             row["peak"] = float(torch.stack([m.amax(-1).mean() for m in rmaps]).mean())
         if rmaps:
             v = torch.stack([m.mean(0) for m in rmaps]).mean(0)

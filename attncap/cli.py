@@ -1,20 +1,484 @@
-"""The attncap command line."""
+"""The attncap command line.
+
+    attncap run MODEL --prompt "a cat on a sofa" [--steps 30 --layers '*attn2*' --pool 2 ...]
+        MODEL: a diffusers pipeline folder (save_pretrained) or a Hugging Face Hub id. Writes
+        results/<timestamp>-<prompt>/ with image.png (or video.mp4), the store (index.json +
+        maps-*.safetensors), run.json and everything render_all draws (tree/, words/, montages,
+        evolution.gif/.mp4, masks/, report.md/.html).
+        Pipelines without a text encoder: --prompt-embeds FILE.safetensors with prompt_embeds [1, T, C]
+        (and optionally negative_prompt_embeds, pooled_prompt_embeds, ...); --prompt then only labels.
+    attncap render DIR     re-draws a saved run (or any saved store) into DIR (or --out)
+    attncap demo           the embedded demo (no download)
+"""
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
+import inspect
+import json
+import os
+import re
 import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+RELATION = re.compile(r"^[A-Za-z_][\w]*->[A-Za-z_][\w]*$")
+STATS = ("entropy", "peak", "colsum")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+class CLIError(Exception):
+    """A problem the user can fix; printed as 'attncap: error: ...' with exit status 2."""
+
+
+# ----------------------------------------------------------------------------------------------
+# argument types: each names its flag and what works
+# ----------------------------------------------------------------------------------------------
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _relations(text: str):
+    if text in ("auto", "all"):
+        return text
+    items = _csv(text)
+    bad = [r for r in items if not RELATION.match(r)]
+    if bad or not items:
+        raise argparse.ArgumentTypeError(f"{bad or text!r} is not a relation; use 'auto', 'all' or a comma list "
+                                         "like image->text,image->image (quote it: '->' is a shell redirect)")
+    return items
+
+
+def _pool(text: str):
+    try:
+        vals = [int(v) for v in _csv(text)]
+    except ValueError:
+        vals = []
+    if not vals or len(vals) not in (1, 2, 3) or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: use a positive int (4) or per-axis factors h,w or t,h,w (1,4,4)")
+    return vals[0] if len(vals) == 1 else tuple(vals)
+
+
+def _heads(text: str):
+    if text in ("mean", "all"):
+        return text
+    try:
+        vals = [int(v) for v in _csv(text)]
+    except ValueError:
+        vals = []
+    if not vals or min(vals) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: use 'mean', 'all' or head indices like 0,3,5")
+    return vals
+
+
+def _capture_steps(text: str):
+    if text in ("all", "last"):
+        return text
+    try:
+        vals = [int(v) for v in _csv(text)]
+    except ValueError:
+        vals = []
+    if not vals or min(vals) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: use 'all', 'last' or step indices like 0,10,20")
+    return vals
+
+
+def _stats(text: str):
+    if text in ("", "none"):
+        return ()
+    items = _csv(text)
+    bad = [s for s in items if s not in STATS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{bad} unknown; choose from {', '.join(STATS)} (comma list) or 'none'")
+    return tuple(items)
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            v = None
+        if v is None or v <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a positive {kind.__name__}")
+        return v
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def _groups(items: list[str] | None) -> dict | None:
+    if not items:
+        return None
+    out = {}
+    for it in items:
+        name, sep, words = it.partition("=")
+        if not sep or not name or not _csv(words):
+            raise CLIError(f"--groups {it!r}: use NAME=word,word (e.g. animal=cat,tail)")
+        out[name] = _csv(words)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="attncap", description="Attention maps from fused flash-attention kernels")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run the embedded demo and write pictures to results/<timestamp>/")
+    demo.add_argument("--out", default=None, help="output folder (default results/<timestamp>)")
+    demo.add_argument("--prompt", nargs="+", default=None, metavar="CAPTION",
+                      help="captions to draw, like 'a red circle and a blue square' (colours: red, green, blue, "
+                           "yellow, cyan, magenta; shapes: circle, square, triangle)")
+    demo.add_argument("--steps", type=_positive(int), default=20, help="denoising steps")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--quiet", action="store_true", help="no progress bars or messages")
+
+    run = sub.add_parser("run", help="run a diffusers pipeline under capture and draw what it attended to",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    run.add_argument("model", help="a diffusers pipeline folder (save_pretrained) or a Hugging Face Hub id")
+    run.add_argument("--prompt", default=None, help="the prompt (with --prompt-embeds: only for token labels)")
+    run.add_argument("--negative-prompt", default=None)
+    run.add_argument("--prompt-embeds", default=None, metavar="FILE.safetensors",
+                     help="tensors prompt_embeds [1,T,C] (+ negative_prompt_embeds, pooled_prompt_embeds, ...) for "
+                          "pipelines without a text encoder")
+    run.add_argument("--steps", type=_positive(int), default=None, help="denoising steps (pipeline default)")
+    run.add_argument("--guidance", type=float, default=None, help="guidance scale (pipeline default)")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--height", type=_positive(int), default=None)
+    run.add_argument("--width", type=_positive(int), default=None)
+    run.add_argument("--frames", type=_positive(int), default=None, help="video frames (video pipelines)")
+    run.add_argument("--layers", default="all", help="'all', a glob ('*attn2*') or a comma list of layer names")
+    run.add_argument("--relations", type=_relations, default="auto",
+                     help="'auto' (the text cross-attention), 'all', or a comma list like image->text,image->image")
+    run.add_argument("--pool", type=_pool, default=None, help="pool image/video grids: 4 or t,h,w factors")
+    run.add_argument("--tokens", default=None, help="keep only these text tokens: key indices or prompt words, comma list")
+    run.add_argument("--heads", type=_heads, default="mean", help="'mean', 'all' or head indices 0,3")
+    run.add_argument("--stats", type=_stats, default=("entropy", "peak"), help="comma list of entropy,peak,colsum or none")
+    run.add_argument("--capture-steps", type=_capture_steps, default="all", help="'all', 'last' or step indices 0,10")
+    run.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, mps")
+    run.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float16 on cuda, float32 on cpu")
+    run.add_argument("--max-gib", type=_positive(float), default=8.0, help="refuse captures larger than this")
+    run.add_argument("--out", default="results", help="parent folder of the timestamped run folder")
+    run.add_argument("--render", action=argparse.BooleanOptionalAction, default=True, help="draw the pictures")
+    run.add_argument("--report", action=argparse.BooleanOptionalAction, default=True, help="write report.md/.html")
+    run.add_argument("--tree", action=argparse.BooleanOptionalAction, default=True,
+                     help="write the per-layer/per-step tree of .npy/.png")
+    run.add_argument("--words", nargs="+", default=None, help="words to draw (default: the prompt's words)")
+    run.add_argument("--groups", nargs="+", default=None, metavar="NAME=w1,w2", help="token groups for the part-wise view")
+    run.add_argument("--fps", type=_positive(float), default=3.0, help="frames per second of the animations")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    render = sub.add_parser("render", help="draw a saved store (a folder written by 'attncap run' or store.save)")
+    render.add_argument("dir", help="folder holding index.json (+ image.png / video.mp4 of a run)")
+    render.add_argument("--out", default=None, help="output folder (default: the store's folder)")
+    render.add_argument("--image", default=None, help="picture to overlay (default DIR/image.png when present)")
+    render.add_argument("--video", default=None, help="video to overlay (default DIR/video.mp4 when present)")
+    render.add_argument("--words", nargs="+", default=None, help="words or key indices to draw")
+    render.add_argument("--groups", nargs="+", default=None, metavar="NAME=w1,w2")
+    render.add_argument("--branch", default=None, help="cond (default where present), uncond")
+    render.add_argument("--tree", action=argparse.BooleanOptionalAction, default=True)
+    render.add_argument("--report", action=argparse.BooleanOptionalAction, default=True)
+    render.add_argument("--fps", type=_positive(float), default=3.0)
+    render.add_argument("--quiet", action="store_true")
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------
+# attncap run
+# ----------------------------------------------------------------------------------------------
+
+def _device_dtype(device: str, dtype: str):
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise CLIError(f"--device {device!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda: no CUDA device is available here; use --device cpu")
+    if dtype == "auto":
+        dtype = "float16" if dev.type == "cuda" else "float32"
+    return dev, getattr(torch, dtype)
+
+
+def load_pipeline(model: str, dtype=None, quiet: bool = False):
+    """DiffusionPipeline.from_pretrained with readable errors; components saved as null (no text
+    encoder, no safety checker) are passed as None."""
+    try:
+        from diffusers import DiffusionPipeline
+    except ImportError:
+        raise CLIError("attncap run needs diffusers: pip install 'attncap[diffusers]'") from None
+    path = Path(model).expanduser()
+    kwargs: dict[str, Any] = {} if dtype is None else {"torch_dtype": dtype}
+    if path.exists():
+        index = path / "model_index.json"
+        if not path.is_dir() or not index.exists():
+            raise CLIError(f"{model} is not a diffusers pipeline folder (no model_index.json); save one with "
+                           "pipe.save_pretrained(folder) or pass a Hub id like stable-diffusion-v1-5/stable-diffusion-v1-5")
+        try:
+            config = json.loads(index.read_text())
+        except json.JSONDecodeError as e:
+            raise CLIError(f"{index} is not valid JSON: {e}") from None
+        for name, value in config.items():
+            if isinstance(value, list) and len(value) == 2 and value[0] is None and value[1] is None:
+                kwargs[name] = None
+        source = str(path)
+    else:
+        if model.startswith((".", "/", "~")) or model.count("/") != 1 or "\\" in model:
+            raise CLIError(f"model path {model!r} does not exist (and it is not a Hub id like org/name)")
+        source = model
+    from diffusers.utils import logging as dlogging
+
+    bars_were_off = not dlogging.is_progress_bar_enabled()
+    if quiet:
+        dlogging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            return DiffusionPipeline.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as e:
+        where = "folder" if path.exists() else "Hub id"
+        raise CLIError(f"could not load the pipeline from {where} {model!r}: {str(e).splitlines()[0][:400]}") from None
+    finally:
+        if quiet and not bars_were_off:
+            dlogging.enable_progress_bar()
+
+
+def _call_params(pipe) -> set[str]:
+    return set(inspect.signature(pipe.__call__).parameters)
+
+
+def _has_text_encoder(pipe) -> bool:
+    return any(getattr(pipe, n, None) is not None for n in ("text_encoder", "text_encoder_2", "text_encoder_3"))
+
+
+def _slug(text: str | None) -> str:
+    s = re.sub(r"[^A-Za-z0-9]+", "-", text or "").strip("-").lower()
+    return s[:40]
+
+
+def _pipeline_kwargs(pipe, args, device, dtype) -> dict:
+    import torch
+
+    params = _call_params(pipe)
+    kw: dict[str, Any] = {}
+    if args.prompt_embeds:
+        p = Path(args.prompt_embeds)
+        if not p.exists():
+            raise CLIError(f"--prompt-embeds {args.prompt_embeds}: no such file")
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(str(p))
+        except Exception as e:
+            raise CLIError(f"--prompt-embeds {p}: not a safetensors file ({e})") from None
+        if "prompt_embeds" not in tensors:
+            raise CLIError(f"--prompt-embeds {p} holds {sorted(tensors)}; it needs a tensor named prompt_embeds [1, T, C]")
+        unknown = sorted(k for k in tensors if k not in params)
+        if unknown:
+            raise CLIError(f"--prompt-embeds: {type(pipe).__name__} takes no {unknown}; its embedding arguments are "
+                           f"{sorted(k for k in params if 'embeds' in k)}")
+        kw.update({k: v.to(device=device, dtype=dtype) for k, v in tensors.items()})
+        cfg = args.guidance is None or args.guidance > 1
+        if cfg and "negative_prompt_embeds" in params and "negative_prompt_embeds" not in kw and not _has_text_encoder(pipe):
+            print("attncap: no negative_prompt_embeds in the file: using zeros for the unconditional branch",
+                  file=sys.stderr)
+            kw["negative_prompt_embeds"] = torch.zeros_like(kw["prompt_embeds"])
+            for k in ("pooled_prompt_embeds",):
+                if k in kw and f"negative_{k}" in params:
+                    kw[f"negative_{k}"] = torch.zeros_like(kw[k])
+    else:
+        if not args.prompt:
+            raise CLIError("give --prompt TEXT (or --prompt-embeds FILE.safetensors)")
+        if not _has_text_encoder(pipe):
+            raise CLIError(f"{type(pipe).__name__} from {args.model} has no text encoder; pass --prompt-embeds "
+                           "FILE.safetensors holding prompt_embeds [1, T, C] (--prompt then only labels the tokens)")
+        kw["prompt"] = args.prompt
+        if args.negative_prompt is not None:
+            kw["negative_prompt"] = args.negative_prompt
+    for flag, name in (("steps", "num_inference_steps"), ("guidance", "guidance_scale"), ("height", "height"),
+                       ("width", "width"), ("frames", "num_frames")):
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        if name not in params:
+            raise CLIError(f"--{flag}: {type(pipe).__name__} has no {name} argument")
+        kw[name] = value
+    if "generator" in params:
+        kw["generator"] = torch.Generator("cpu").manual_seed(args.seed)
+    return kw
+
+
+def _save_output(result, run_dir: Path, fps: float) -> tuple[Any, Any, list[str]]:
+    """image.png or video.mp4 (GIF without ffmpeg) from a pipeline output; returns (image, frames, files)."""
+    from .viz.animate import ffmpeg_available, write_animation
+    from .viz.core import as_frames, as_rgb, save_png
+
+    files = []
+    frames = getattr(result, "frames", None)
+    if frames is not None:
+        video = as_frames(frames[0])
+        path = run_dir / ("video.mp4" if ffmpeg_available() else "video.gif")
+        write_animation(list(video), path, fps=max(fps, 8))
+        save_png(video[0], run_dir / "image.png")
+        return video[0], video, [path.name, "image.png"]
+    images = getattr(result, "images", None)
+    if images is None:
+        raise CLIError(f"the pipeline returned {type(result).__name__} without images or frames")
+    img = as_rgb(images[0] if not hasattr(images, "shape") or images.ndim == 4 else images)
+    save_png(img, run_dir / "image.png")
+    files.append("image.png")
+    return img, None, files
+
+
+def _new_run_dir(parent: Path, prompt: str | None) -> Path:
+    """parent/<YYYYmmdd-HHMMSS>-<prompt slug>, with -2, -3 ... when taken."""
+    name = _dt.datetime.now().strftime("%Y%m%d-%H%M%S") + (f"-{_slug(prompt)}" if _slug(prompt) else "")
+    for i in range(1, 1000):
+        d = parent / (name if i == 1 else f"{name}-{i}")
+        try:
+            d.mkdir(parents=True, exist_ok=False)
+            return d
+        except FileExistsError:
+            continue
+    raise CLIError(f"cannot create a run folder under {parent}")
+
+
+def _check_words(store, words: list[str] | None):
+    """--words: prompt words, or key indices given as numbers; unknown words are a readable error."""
+    if not words:
+        return None
+    from .viz import resolve_words
+
+    items = [int(w) if w.isdigit() else w for w in words]
+    try:
+        resolve_words(store, items)
+    except ValueError as e:
+        raise CLIError(f"--words: {e}") from None
+    return items
+
+
+def cmd_run(args) -> Path:
+    import torch
+
+    import attncap
+
+    from . import prompts
+    from .analysis import text_length
+    from .render import render_all
+
+    groups = _groups(args.groups)
+    if not args.prompt and not args.prompt_embeds:
+        raise CLIError("give --prompt TEXT (or --prompt-embeds FILE.safetensors)")
+    if args.prompt_embeds and not Path(args.prompt_embeds).is_file():
+        raise CLIError(f"--prompt-embeds {args.prompt_embeds}: no such file")
+    device, dtype = _device_dtype(args.device, args.dtype)
+    t0 = time.perf_counter()
+    pipe = load_pipeline(args.model, dtype, args.quiet)
+    pipe = pipe.to(device)
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=args.quiet)
+    kw = _pipeline_kwargs(pipe, args, device, dtype)
+    alignment = prompts.for_pipeline(pipe, args.prompt) if args.prompt else None
+    tokens = None
+    if args.tokens:
+        tokens = []
+        for item in _csv(args.tokens):
+            if item.lstrip("-").isdigit():
+                tokens.append(int(item))
+            elif alignment is None:
+                raise CLIError(f"--tokens {item!r}: words need the pipeline's tokenizer and --prompt; pass key indices")
+            else:
+                try:
+                    tokens += alignment.indices(item)
+                except ValueError as e:
+                    raise CLIError(f"--tokens: {e}") from None
+    layers = args.layers if args.layers == "all" or "," not in args.layers else _csv(args.layers)
+    t_load = time.perf_counter() - t0
+    try:
+        with attncap.capture(pipe, relations=args.relations, layers=layers, steps=args.capture_steps, heads=args.heads,
+                             tokens=tokens, pool=args.pool, stats=args.stats, max_bytes=int(args.max_gib * 2**30)) as store:
+            t1 = time.perf_counter()
+            with torch.inference_mode():
+                result = pipe(**kw)
+            t_run = time.perf_counter() - t1
+    except (ValueError, TypeError, attncap.BudgetExceeded) as e:
+        raise CLIError(str(e)) from None
+    run_dir = _new_run_dir(Path(args.out), args.prompt)
+    n = text_length(store)
+    if alignment is not None:
+        store.tokens = alignment.fit(n or len(alignment)).to_tokens()
+    elif args.prompt and n:
+        store.tokens = {"text": prompts.positions(n).tokens, "prompt": args.prompt, "words": []}
+    image, frames, files = _save_output(result, run_dir, args.fps)
+    store.save(run_dir)
+    meta = {"model": args.model, "prompt": args.prompt, "negative_prompt": args.negative_prompt,
+            "prompt_embeds": args.prompt_embeds, "pipeline": type(pipe).__name__, "seed": args.seed,
+            "steps": args.steps, "guidance": args.guidance, "height": args.height, "width": args.width,
+            "frames": args.frames, "layers": args.layers, "relations": args.relations, "pool": args.pool,
+            "tokens": tokens, "heads": args.heads, "stats": list(args.stats), "capture_steps": args.capture_steps,
+            "device": str(device), "dtype": str(dtype).replace("torch.", ""), "records": len(store),
+            "store_mib": round(store.nbytes / 2**20, 2), "load_s": round(t_load, 2), "run_s": round(t_run, 2),
+            "outputs": files, "attncap": attncap.__version__, "torch": torch.__version__}
+    (run_dir / "run.json").write_text(json.dumps(meta, indent=1, default=str))
+    if args.render:
+        render_all(store, run_dir, image=image if frames is None else None, video=frames,
+                   words=_check_words(store, args.words),
+                   groups=groups, tree=args.tree, report=args.report, fps=args.fps, progress=not args.quiet,
+                   meta={k: meta[k] for k in ("model", "prompt", "pipeline", "seed", "steps", "guidance", "layers",
+                                               "relations", "pool", "heads", "device", "dtype", "run_s")})
+    print(f"attncap run: {len(store)} records ({meta['store_mib']} MiB) in {t_run:.1f} s -> {run_dir}")
+    return run_dir
+
+
+def cmd_render(args) -> Path:
+    import attncap
+
+    from .render import render_all
+
+    d = Path(args.dir)
+    if not d.is_dir():
+        raise CLIError(f"{args.dir}: no such folder")
+    try:
+        store = attncap.load(d)
+    except (FileNotFoundError, ValueError) as e:
+        raise CLIError(str(e)) from None
+    image = Path(args.image) if args.image else (d / "image.png" if (d / "image.png").exists() else None)
+    video = Path(args.video) if args.video else next((d / n for n in ("video.mp4", "video.gif") if (d / n).exists()), None)
+    for flag, p in (("--image", args.image), ("--video", args.video)):
+        if p and not Path(p).exists():
+            raise CLIError(f"{flag} {p}: no such file")
+    meta = json.loads((d / "run.json").read_text()) if (d / "run.json").exists() else {}
+    out = Path(args.out) if args.out else d
+    words = _check_words(store, args.words)
+    paths = render_all(store, out, image=image if video is None else None, video=video, words=words,
+                       groups=_groups(args.groups), branch=args.branch, tree=args.tree, report=args.report,
+                       fps=args.fps, progress=not args.quiet,
+                       meta={k: meta.get(k) for k in ("model", "prompt", "pipeline", "seed", "steps") if k in meta})
+    print(f"attncap render: {len(paths)} files -> {out}")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="attncap", description="Attention maps from fused flash-attention kernels")
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the embedded demo and write pictures to results/<timestamp>/")
-    demo.add_argument("--out", default=None, help="output folder (default results/<timestamp>)")
+    parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        from .demo import run
+    try:
+        if args.command == "demo":
+            from .demo import CAPTIONS, run
 
-        run(args.out)
+            run(args.out, captions=args.prompt or CAPTIONS, steps=args.steps, seed=args.seed, progress=not args.quiet)
+        elif args.command == "run":
+            cmd_run(args)
+        elif args.command == "render":
+            cmd_render(args)
+    except CLIError as e:
+        if os.environ.get("ATTNCAP_DEBUG"):
+            raise
+        print(f"attncap: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

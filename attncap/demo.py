@@ -1,77 +1,80 @@
-"""A small end-to-end run of the kernel-level API that writes heatmaps (``attncap demo``).
+"""``attncap demo``: the embedded shapes model draws a few captions with capture on.
 
-It builds an "image" of 48x64 query tokens and 6 "text" keys whose embeddings match planted
-regions (a disc, a bar, a corner), runs attncap.attention once, and writes, per text token, the
-map of where the image attends to it, plus the pooled image self-attention of one query point.
+For each caption the demo generates a 32x32 picture with the shipped demo model (attncap.demo_model,
+no download), capturing every cross-attention layer (image->text, all denoising steps, heads averaged)
+and the self-attention of the 16x16 layers, and writes into results/<timestamp>/<n>-<caption>/:
+
+    image.png, maps.safetensors + index.json   the picture and the store (attncap render DIR redraws it)
+    token_heatmaps.png, words/, montage_*.png  each word's map, alone and over the picture
+    evolution.gif / .mp4                       the words' maps over the denoising steps
+    masks/                                     LEDITS++-style masks of each word
+    self_attention.png, report.md / .html      query points' self-attention, statistics
+    grounding.json                             IoU of each colour/shape word's mask with its object,
+                                               the object segmented by colour in the generated picture
+
+and an index.md at the top that links them. About a minute on two CPU cores.
 """
 from __future__ import annotations
 
 import datetime as _dt
-import math
+import json
+import re
+import time
 from pathlib import Path
+from typing import Sequence
 
-import torch
-
-from .ops import attention
-from .request import MapRequest
-
-GRID = (48, 64)
-WORDS = ["a", "red", "disc", "beside", "a", "bar"]
+CAPTIONS = ("a red circle and a blue square",
+            "a yellow triangle and a green circle and a magenta square",
+            "a cyan square and a red triangle")
 
 
-def _planted_tokens(d: int = 64, heads: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
-    """q [1, H, Nimg, D] image tokens, k/v [1, H, Ntext, D] text tokens; regions where image tokens
-    carry the direction of a text token's key, so that token's attention lands there."""
-    gen = torch.Generator().manual_seed(0)
-    h, w = GRID
-    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    regions = {
-        2: ((yy - 20) ** 2 + (xx - 18) ** 2 < 10 ** 2),   # "disc"
-        5: ((xx - 46).abs() < 4) & (yy > 6) & (yy < 42),  # "bar"
-        1: ((yy - 20) ** 2 + (xx - 18) ** 2 < 10 ** 2),   # "red" colours the disc
-    }
-    k = torch.randn(1, heads, len(WORDS), d, generator=gen)
-    k = k / k.norm(dim=-1, keepdim=True) * math.sqrt(d)
-    q = 0.3 * torch.randn(1, heads, h * w, d, generator=gen)
-    for tok, region in regions.items():
-        q[:, :, region.flatten()] += 0.6 * k[:, :, tok : tok + 1]
-    v = torch.randn(1, heads, len(WORDS), d, generator=gen)
-    return q, k, v, regions
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48]
 
 
-def run(out_dir: str | Path | None = None) -> Path:
+def run(out_dir: str | Path | None = None, captions: Sequence[str] = CAPTIONS, steps: int = 20,
+        guidance: float = 1.0, seed: int = 0, progress: bool = True) -> Path:
     """Run the demo and return the folder it wrote (results/<timestamp>/ by default)."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import torch
+
+    from .capture import capture
+    from .demo_model import grounding, load_pipeline
+    from .demo_model.pipeline import as_numpy
+    from .render import render_all
+    from .viz.core import as_rgb, save_png
 
     out = Path(out_dir) if out_dir else Path("results") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
-    q, k, v, _ = _planted_tokens()
-    _, products = attention(q, k, v, request=MapRequest(heads="mean", keys=list(range(len(WORDS))),
-                                                         query_grid=GRID, stats=("entropy",)))
-    token_maps = products["tokens"][0, 0].T.reshape(len(WORDS), *GRID)
-    fig, axes = plt.subplots(1, len(WORDS), figsize=(3 * len(WORDS), 3))
-    for i, ax in enumerate(axes):
-        ax.imshow(token_maps[i], cmap="inferno")
-        ax.set_title(f"{i}: {WORDS[i]}")
-        ax.axis("off")
-    fig.suptitle("where the image attends to each text token (head mean)")
-    fig.savefig(out / "token_maps.png", dpi=80, bbox_inches="tight")
-    plt.close(fig)
-
-    # Image self-attention, pooled 4x4 on both axes: the row of one query bin, as a picture.
-    _, self_products = attention(q, q, q, request=MapRequest(query_grid=GRID, key_grid=GRID, query_pool=4, key_pool=4))
-    pooled = self_products["map"][0, 0]
-    bins = (GRID[0] // 4, GRID[1] // 4)
-    point = 5 * bins[1] + 4
-    fig, ax = plt.subplots(figsize=(4, 3))
-    ax.imshow(pooled[point].reshape(bins), cmap="inferno")
-    ax.plot(4, 5, "c+", markersize=14)
-    ax.set_title("self-attention of one query bin (pool 4x4)")
-    ax.axis("off")
-    fig.savefig(out / "self_attention_point.png", dpi=80, bbox_inches="tight")
-    plt.close(fig)
-    print(f"attncap demo: wrote {out}/token_maps.png and {out}/self_attention_point.png")
+    say = print if progress else (lambda *a: None)
+    pipe = load_pipeline("cpu", progress_bar=progress)
+    lines = ["# attncap demo", "", f"The embedded shapes model, {steps} DDIM steps, guidance {guidance}, seed {seed}.",
+             "Cross-attention maps (image->text) of every layer and step, heads averaged, and the",
+             "self-attention (image->image) of the 16x16 layers.", ""]
+    for n, caption in enumerate(captions):
+        t0 = time.perf_counter()
+        folder = out / f"{n}-{_slug(caption)}"
+        # attn2: the text cross-attention of every resolution; attn1 of the 16x16 blocks: self-attention
+        with capture(pipe, relations=("image->text", "image->image"), stats=("entropy", "peak"),
+                     layers=("*attn2*", "unet.down_blocks.1.*attn1*", "unet.up_blocks.1.*attn1*")) as store:
+            result = pipe(caption, num_inference_steps=steps, guidance_scale=guidance, output_type="np",
+                          generator=torch.Generator().manual_seed(seed))
+        image = as_numpy(result.images)[0]
+        store.save(folder)
+        save_png(as_rgb(image), folder / "image.png")
+        render_all(store, folder, image=image, tree=False, progress=progress,
+                   meta={"model": "attncap demo (embedded shapes model)", "prompt": caption, "steps": steps,
+                         "guidance": guidance, "seed": seed})
+        scores = grounding.score_image(store, caption, image)
+        (folder / "grounding.json").write_text(json.dumps(scores, indent=1) + "\n")
+        seconds = time.perf_counter() - t0
+        ious = ", ".join(f"{w} {s['iou']:.2f}" for w, s in scores.items() if s["iou"] is not None)
+        say(f"attncap demo: {caption!r}: {len(store)} records, {seconds:.1f} s; IoU {ious or 'n/a'} -> {folder}")
+        lines += [f"## {caption}", "", f"![picture and word maps]({folder.name}/token_heatmaps.png)", "",
+                  f"Animation: [{folder.name}/evolution.gif]({folder.name}/evolution.gif); report: "
+                  f"[{folder.name}/report.md]({folder.name}/report.md); grounding IoU: {ious or 'n/a'}", ""]
+    (out / "index.md").write_text("\n".join(lines))
+    say(f"attncap demo: wrote {out}/index.md")
     return out

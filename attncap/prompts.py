@@ -125,8 +125,11 @@ class Alignment:
             return positions(n or 0)
         if not isinstance(text[0], str):
             text = text[batch]
-        words = [(w, [int(i) for i in idx]) for w, idx in (tokens.get("words") or [])]
         prompt = tokens.get("prompt")
+        if isinstance(tokens.get("prompts"), list) and batch < len(tokens["prompts"]):
+            prompt = tokens["prompts"][batch]  # a batch of prompts: {"text": [[...], ...], "prompts": [...]}
+        words = [(w, [int(i) for i in idx]) for w, idx in (tokens.get("words") or [])] if batch == 0 or \
+            isinstance(tokens["text"][0], str) else []
         if not words and isinstance(prompt, str):
             words = align_words(prompt, text)
         a = Alignment(list(text), words, prompt if isinstance(prompt, str) else None)

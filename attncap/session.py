@@ -22,6 +22,7 @@ from .store import Record, Store
 from .validate import MAX_SELECTED_KEYS
 
 SPATIAL = ("image", "video")
+NOT_WORDS = SPATIAL + ("image_ctx",)  # segments whose keys are not words even without a grid
 
 
 @dataclass(frozen=True)
@@ -105,8 +106,8 @@ class CaptureConfig:
 
 
 def _pool_for(segment: Segment, pool) -> tuple[int, ...] | int | None:
-    """The capture's pool applied to a spatial segment; (t, h, w) factors fold to (h, w) on images."""
-    if pool is None or segment.grid is None or segment.name not in SPATIAL:
+    """The capture's pool applied to a segment with a token grid; (t, h, w) factors fold to (h, w) on images."""
+    if pool is None or segment.grid is None:
         return None
     if isinstance(pool, int):
         return pool
@@ -154,7 +155,8 @@ class CaptureSession:
             if not cfg.wants_relation(relation, default_relations):
                 continue
             keys = None
-            if cfg.tokens is not None and kseg.name not in SPATIAL:
+            # tokens index words: they select keys of grid-less segments other than image embeddings
+            if cfg.tokens is not None and kseg.grid is None and kseg.name not in NOT_WORDS:
                 keys = [kseg.start + t for t in cfg.tokens if t < kseg.length]
             request = MapRequest(
                 heads=cfg.heads if isinstance(cfg.heads, str) else list(cfg.heads),

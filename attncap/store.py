@@ -271,10 +271,12 @@ class Store:
                   branch: str | None = None, size: tuple[int, int] | None = None, batch: int = 0) -> torch.Tensor:
         """float32 [*query_grid] map of a text token (a word, or a key index of the key segment) for batch
         element ``batch``, averaged over kept heads, the word's tokens and the matching records.
-        Uses "tokens" records holding the keys, else "map" records. relation None: relations to text;
-        branch None: "cond" where such records exist (the prompt, not the negative prompt), else any."""
+        Uses "tokens" records holding the keys, else "map" records. relation None: relations from a
+        query grid to text; branch None: "cond" where such records exist (the prompt, not the negative prompt), else any."""
         keys = [int(word_or_index)] if isinstance(word_or_index, int) else self._word_keys(word_or_index, batch)
-        rel_ok = (lambda r: r.relation.endswith("->text")) if relation is None else (lambda r: r.relation == relation)
+        # default: spatial queries (image/video) attending to text, so the map can be laid on the picture
+        rel_ok = ((lambda r: r.relation.endswith("->text") and r.query_grid is not None) if relation is None
+                  else (lambda r: r.relation == relation))
         recs = [r for r in self.get(layer=layer, step=step, kind=None, branch=branch) if rel_ok(r)]
         if branch is None and any(r.branch == "cond" for r in recs):
             recs = [r for r in recs if r.branch == "cond"]

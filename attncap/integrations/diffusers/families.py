@@ -160,10 +160,16 @@ class WanFamily(Family):
     default_relations = ("video->text",)
     separate_cfg_calls = True
 
+    def timestep(self, args, kwargs):
+        # Wan 2.2 TI2V (expand_timesteps) passes per-token timesteps [B, N], 0 on the conditioning frame's
+        # tokens: the step's t is their max (the first element would be 0 at every step).
+        t = _arg(args, kwargs, 1, "timestep")
+        return float(t.max()) if isinstance(t, torch.Tensor) and t.numel() else _scalar(t)
+
     def observe(self, model, args, kwargs):
         latent = _arg(args, kwargs, 0, "hidden_states")
         text = _arg(args, kwargs, 2, "encoder_hidden_states")
-        image = kwargs.get("encoder_hidden_states_image")
+        image = _arg(args, kwargs, 3, "encoder_hidden_states_image")
         pt, ph, pw = model.config.patch_size
         f, h, w = latent.shape[-3:]
         return {"grid": (f // pt, h // ph, w // pw), "text": text.shape[1],

@@ -53,6 +53,8 @@ class DiffusersCapture:
         self._hooks: list[Any] = []
         self._layers: list[tuple[str, Family, torch.nn.Module]] = []
         self._checked = False
+        self._first_step = 0
+        self._prompt_hooked = False
 
     def install(self) -> None:
         config = self.session.config
@@ -72,6 +74,8 @@ class DiffusersCapture:
                     if config.wants_layer(layer) and family.handles(attn.processor):
                         self._wrap(layer, family, attn, states)
                 self._hooks.append(model.register_forward_pre_hook(self._pre_hook(family, states), with_kwargs=True))
+            if self.pipeline is not None:
+                self._hook_prompts()
             if not self._swapped:
                 sample = ", ".join(seen[:6]) + (", ..." if len(seen) > 6 else "")
                 raise ValueError(f"layers={config.layers!r} selects no attention layer this adapter captures; "
@@ -103,20 +107,30 @@ class DiffusersCapture:
             st.active = self.session.config.wants_step(st.step, st.total_steps)
             if not self._checked:
                 self._checked = True
-                self._check_budget(family, states["state"], model, args, kwargs)
+                self._first_step = st.step
+                calls = 2 if family.separate_cfg_calls and do_cfg else 1
+                self._check_budget(family, states["state"], model, args, kwargs, calls)
+            elif family.separate_cfg_calls and st.step == self._first_step and st.call_in_step == 1:
+                # Flux's true CFG shows no pipeline attribute: the second call of the first step reveals it
+                self._check_budget(family, states["state"], model, args, kwargs, 2)
             return None
 
         return hook
 
-    def _check_budget(self, family: Family, state: dict, model, args, kwargs) -> None:
-        """Refuse, before the first step runs, a capture whose products would pass max_bytes."""
+    def _check_budget(self, family: Family, state: dict, model: torch.nn.Module, args, kwargs,
+                      calls_per_step: int) -> None:
+        """Refuse, before the first step runs, a capture whose products would pass max_bytes.
+
+        One step runs one denoiser (Wan 2.2 switches between two at a boundary timestep), so the
+        estimate counts the layers of the denoiser being called, calls_per_step times."""
         config = self.session.config
         first = _first_tensor(args, kwargs)
         batch = first.shape[0] if first is not None else 1
         layouts = []
         heads = 1
+        in_model = {id(m) for m in model.modules()}
         for layer, fam, attn in self._layers:
-            if fam is not family:
+            if fam is not family or id(attn) not in in_model:
                 continue
             heads = max(heads, getattr(attn, "heads", 1))
             for call, (nq, nk) in enumerate(family.token_counts(attn, layer, state)):
@@ -129,17 +143,37 @@ class DiffusersCapture:
             steps = 1
         else:
             steps = len(config.steps)
-        calls = steps * (2 if family.separate_cfg_calls and getattr(self.pipeline, "do_classifier_free_guidance", False) else 1)
+        calls = steps * calls_per_step
         total = per_call * calls
         if total > config.max_bytes:
-            gib = 2**30
             raise ValueError(
-                f"capture would store about {total / gib:.2f} GiB ({per_call / gib:.3f} GiB per denoiser call x {calls} "
-                f"calls over {len(layouts)} attention calls per step) but max_bytes is {config.max_bytes / gib:.2f} GiB. "
+                f"capture would store about {_size(total)} ({_size(per_call)} per denoiser call x {calls} calls, "
+                f"{len(layouts)} attention calls per denoiser call) but max_bytes is {_size(config.max_bytes)}. "
                 f"Fits better: pool=4 or 8 on image/video grids, heads='mean', tokens=[...] (token maps), fewer "
                 f"layers (e.g. '*attn2*'), steps='last' or a few step indices, or a larger max_bytes with spill_dir=")
 
+    def _hook_prompts(self) -> None:
+        """Wrap the pipeline's encode_prompt (on the instance) so the store learns the prompt's tokens:
+        token_map("cat") and the pictures' labels then work without any user step. Prompt embeddings
+        passed directly (prompt=None) leave store.tokens as the user set it."""
+        pipe, store = self.pipeline, self.session.store
+        original = getattr(pipe, "encode_prompt", None)
+        if original is None or "encode_prompt" in vars(pipe):
+            return
+
+        def encode_prompt(*args, **kwargs):
+            prompt = kwargs.get("prompt", args[0] if args else None)
+            if store.tokens is None and prompt is not None:
+                store.tokens = _prompt_tokens(pipe, prompt, kwargs.get("max_sequence_length"))
+            return original(*args, **kwargs)
+
+        pipe.encode_prompt = encode_prompt
+        self._prompt_hooked = True
+
     def restore(self) -> None:
+        if self._prompt_hooked:
+            vars(self.pipeline).pop("encode_prompt", None)
+            self._prompt_hooked = False
         for hook in self._hooks:
             hook.remove()
         for attn, original in reversed(self._swapped):
@@ -147,6 +181,28 @@ class DiffusersCapture:
         self._hooks.clear()
         self._swapped.clear()
         self._layers.clear()
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} bytes"
+
+
+def _prompt_tokens(pipe: Any, prompt: str | list[str], max_sequence_length: int | None = None) -> dict | None:
+    """store.tokens for a prompt or a batch of prompts (None when the pipeline has no tokenizer)."""
+    from ...prompts import for_pipeline
+
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        return None
+    alignments = [for_pipeline(pipe, p, max_sequence_length) for p in prompts]
+    if any(a is None for a in alignments):
+        return None
+    if len(alignments) == 1:
+        return alignments[0].to_tokens()
+    return {"text": [a.tokens for a in alignments], "prompts": prompts}
 
 
 def _first_tensor(args, kwargs) -> torch.Tensor | None:
