@@ -1,14 +1,16 @@
 """The CPU path: chunked PyTorch computing exactly what the Triton kernels compute.
 
-Same two entry points and signatures as attncap.kernels (forward, map_pass), so attncap.ops can
-call either. Memory stays bounded: scores exist only for a chunk of queries at a time, sized so
-a chunk's [B, H, chunk, Nk] float32 block fits in WORKSPACE_BYTES.
+forward() takes the arguments of attncap.kernels.forward (and maps=), so attncap.ops calls either
+the same way. Memory stays bounded: scores exist only for a chunk of queries at a time, sized so a
+chunk's [B, H, chunk, Nk] float32 block fits in WORKSPACE_BYTES.
+
+Unlike a GPU kernel, a CPU chunk holds every key of its queries, so the probabilities are final
+there: forward(maps=[...]) reduces them into the requested maps in the same pass, where the GPU
+kernels recompute Q K^T in a second pass (kernels.map_pass) from the LSE.
 
 Shape legend: B batch, H query heads, Hk key heads, Nq, Nk, D, Dv, S selected keys, c chunk.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -26,35 +28,73 @@ def _scores(q_rows: torch.Tensor, k_cols: torch.Tensor, scale: float, tm: torch.
     """Masked natural-log scores [B, H, c, n] for query tokens tm and key tokens tn (fp32)."""
     B, H, c, D = q_rows.shape
     Hk = k_cols.shape[1]
-    # GQA without copying keys per query head: group query heads under their key head.
-    s = torch.matmul(q_rows.float().reshape(B, Hk, H // Hk * c, D), k_cols.float().transpose(-1, -2))
-    s = s.reshape(B, H, c, -1) * scale
-    keep = torch.ones(1, 1, c, tn.numel(), dtype=torch.bool, device=s.device)
+    # GQA without copying keys per query head: group query heads under their key head. The scale
+    # goes on the queries, c x D numbers instead of the c x n scores.
+    s = torch.matmul((q_rows.float() * scale).reshape(B, Hk, H // Hk * c, D), k_cols.float().transpose(-1, -2))
+    s = s.reshape(B, H, c, -1)
+    if mask_kind == 2:
+        s += mask[:, :, tm][:, :, :, tn].float()
+    drop = None
     if is_causal:
-        keep = keep & (tn[None, :] <= tm[:, None])
-    if mask_kind:
-        m = mask[:, :, tm][:, :, :, tn]
-        if mask_kind == 1:
-            keep = keep & (m != 0)
-        else:
-            s = s + m.float()
+        drop = tn[None, :] > tm[:, None]
+    if mask_kind == 1:
+        off = mask[:, :, tm][:, :, :, tn] == 0
+        drop = off if drop is None else drop | off
     if key_padding is not None:
-        keep = keep & (key_padding[:, tn] != 0)[:, None, None, :]
-    return s.masked_fill(~keep, float("-inf"))
+        off = (key_padding[:, tn] == 0)[:, None, None, :]
+        drop = off if drop is None else drop | off
+    return s if drop is None else s.masked_fill_(drop, float("-inf"))
+
+
+class _MapJob:
+    """One map accumulated during the forward: float32 [B, G, Qb, Kb] from normalised chunk rows."""
+
+    def __init__(self, qplan: AxisPlan, kplan: AxisPlan, heads_table: torch.Tensor, B: int, Nq: int, Nk: int):
+        self.qplan, self.kplan = qplan, kplan
+        self.table = heads_table.long()
+        self.hpg = heads_table.shape[1]
+        self.bin_of_query = torch.full((Nq,), -1, dtype=torch.long)
+        self.bin_of_query[qplan.perm.long()] = qplan.bin_of_slot.long()
+        kperm = kplan.perm.long()
+        lo, hi = int(kperm.min()), int(kperm.max()) + 1
+        # Key axes are ranges: slice them (a view) and pool by each key's bin, no gather of the chunk.
+        self.keys = slice(lo, hi) if hi - lo == kperm.numel() else kperm
+        key_bins = torch.empty(Nk, dtype=torch.long)
+        key_bins[kperm] = kplan.bin_of_slot.long()
+        self.key_bins = key_bins[lo:hi] if isinstance(self.keys, slice) else kplan.bin_of_slot.long()
+        self.total = torch.zeros((B, heads_table.shape[0], qplan.nbins, kplan.nbins), dtype=torch.float32)
+
+    def add(self, probs: torch.Tensor, tm: torch.Tensor) -> None:
+        """probs [B, H, c, Nk]: the normalised probabilities of query tokens tm."""
+        bins = self.bin_of_query[tm]
+        inside = bins >= 0
+        if not bool(inside.any()):
+            return
+        p = probs[..., self.keys]
+        if not bool(inside.all()):
+            p = p[:, :, inside]
+        p = p.sum(1, keepdim=True) if self.table.shape[0] == 1 and self.hpg == p.shape[1] else p[:, self.table].sum(2)
+        if self.kplan.pooled or not isinstance(self.keys, slice):
+            p = torch.zeros(p.shape[:3] + (self.kplan.nbins,)).index_add_(3, self.key_bins, p)
+        self.total.index_add_(2, bins[inside], p)
+
+    def result(self) -> torch.Tensor:
+        return self.total / (self.qplan.counts[:, None] * self.kplan.counts[None, :] * self.hpg)
 
 
 def forward(q, k, v, out, scale, mask=None, mask_kind=0, key_padding=None, is_causal=False,
-            selected=None, want_stats=False):
-    """Chunked twin of attncap.kernels.forward (same arguments, same returns)."""
+            selected=None, want_stats=False, maps=()):
+    """Chunked twin of attncap.kernels.forward (same arguments, same returns), plus ``maps``: a list
+    of (qplan, kplan, heads_table) whose maps (as kernels.map_pass returns them) come back as a fifth item."""
     B, H, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
-    if mask_kind == 0 and key_padding is None and selected is None and not want_stats and H == Hk \
+    if mask_kind == 0 and key_padding is None and selected is None and not want_stats and not maps and H == Hk \
             and v.shape[-1] == D:
         # Nothing rides on this forward but the LSE: PyTorch's fused CPU flash kernel returns both,
         # several times faster than the chunked loop below.
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal, scale=scale)
         out.copy_(o)
-        return lse, None, None, None
+        return lse, None, None, None, []
     lse = torch.empty((B, H, Nq), dtype=torch.float32)
     n_sel = 0 if selected is None else selected.numel()
     tokens = torch.empty((B, H, Nq, n_sel)) if n_sel else None
@@ -62,47 +102,28 @@ def forward(q, k, v, out, scale, mask=None, mask_kind=0, key_padding=None, is_ca
     peak = torch.empty((B, H, Nq)) if want_stats else None
     all_keys = torch.arange(Nk)
     vf = v.float()
-    step = _chunk_rows(B * H * Nk * 4 * 3, Nq)
+    jobs = [_MapJob(qp, kp, table, B, Nq, Nk) for qp, kp, table in maps]
+    step = _chunk_rows(B * H * Nk * 4 * (3 if want_stats else 2), Nq)
     for start in range(0, Nq, step):
         tm = torch.arange(start, min(Nq, start + step))
         c = tm.numel()
         s = _scores(q[:, :, tm], k, scale, tm, all_keys, mask, mask_kind, key_padding, is_causal)
         m = s.amax(-1, keepdim=True)
         m = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
-        p = torch.exp(s - m)
+        s -= m                                        # in place: chunks are the big tensors here
+        p = torch.exp(s) if want_stats else s.exp_()  # entropy still needs s - m
         l = p.sum(-1, keepdim=True)
         inv = torch.where(l > 0, 1.0 / l.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(l))
-        o = torch.matmul(p.reshape(B, Hk, H // Hk * c, Nk), vf).reshape(B, H, c, -1) * inv
+        p *= inv                                      # the probabilities, final: every key is in the chunk
+        o = torch.matmul(p.reshape(B, Hk, H // Hk * c, Nk), vf).reshape(B, H, c, -1)
         out[:, :, tm] = o.to(out.dtype)
         lse[:, :, tm] = torch.where(l[..., 0] > 0, m[..., 0] + torch.log(l[..., 0]), float("-inf"))
         if want_stats:
-            ps = torch.where(p > 0, p * (s - m), torch.zeros_like(p)).sum(-1, keepdim=True)
-            ent[:, :, tm] = torch.where(l > 0, torch.log(l.clamp_min(1e-38)) - ps * inv, torch.zeros_like(l))[..., 0]
+            ps = (p * s.clamp_(min=-3e38)).sum(-1)  # masked keys: p = 0 and s = -inf; 0 * -3e38 = 0
+            ent[:, :, tm] = torch.where(l[..., 0] > 0, torch.log(l[..., 0].clamp_min(1e-38)) - ps, 0.0)
             peak[:, :, tm] = inv[..., 0]
         if n_sel:
-            tokens[:, :, tm] = p[..., selected.long()] * inv
-    return lse, tokens, ent, peak
-
-
-def map_pass(q, k, lse, scale, qplan: AxisPlan, kplan: AxisPlan, heads_table, mask=None, mask_kind=0,
-             key_padding=None, is_causal=False) -> torch.Tensor:
-    """Chunked twin of attncap.kernels.map_pass: float32 [B, G, Qb, Kb]."""
-    B, H, Nq, D = q.shape
-    G, HPG = heads_table.shape
-    tn = kplan.perm.long()
-    k_sel = k[:, :, tn]
-    table = heads_table.long()
-    out = torch.zeros((B, G, qplan.nbins, kplan.nbins), dtype=torch.float32)
-    step = _chunk_rows(B * H * tn.numel() * 4 * 3, qplan.nslots)
-    for start in range(0, qplan.nslots, step):
-        slots = torch.arange(start, min(qplan.nslots, start + step))
-        tm = qplan.perm[slots].long()
-        s = _scores(q[:, :, tm], k_sel, scale, tm, tn, mask, mask_kind, key_padding, is_causal)
-        row_lse = lse[:, :, tm]
-        row_lse = torch.where(torch.isinf(row_lse) & (row_lse < 0), math.inf, row_lse)
-        p = torch.exp(s - row_lse[..., None])
-        p = p[:, table].sum(2)  # [B, G, c, Lk]
-        if kplan.pooled:
-            p = torch.zeros(B, G, p.shape[2], kplan.nbins).index_add_(3, kplan.bin_of_slot.long(), p)
-        out.index_add_(2, qplan.bin_of_slot[slots].long(), p)
-    return out / (qplan.counts[:, None] * kplan.counts[None, :] * HPG)
+            tokens[:, :, tm] = p[..., selected.long()]
+        for job in jobs:
+            job.add(p, tm)
+    return lse, tokens, ent, peak, [job.result() for job in jobs]

@@ -69,13 +69,24 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
         out4 = out.transpose(1, 2)
     want_stats = any(s in p.stats for p in plans for s in ("entropy", "peak"))
     masks = dict(mask=mask, mask_kind=mask_kind, key_padding=kpm, is_causal=bool(is_causal))
-    lse, tokens, ent, peak = impl.forward(q4, k4, v4, out4, float(scale),
-                                          selected=None if selected is None else selected.to(q4.device),
-                                          want_stats=want_stats, **masks)
+    sel = None if selected is None else selected.to(q4.device)
+    if impl is cpu_path:
+        # The CPU path reduces every map in the forward's own pass: list them first, in map_of's order.
+        jobs = [job for plan in plans for job in _map_jobs(plan)]
+        lse, tokens, ent, peak, done = impl.forward(q4, k4, v4, out4, float(scale), selected=sel,
+                                                    want_stats=want_stats, maps=jobs, **masks)
+        finished = iter(done)
 
-    def map_of(qplan: AxisPlan, kplan: AxisPlan, heads_table: torch.Tensor) -> torch.Tensor:
-        dev = q4.device
-        return impl.map_pass(q4, k4, lse, float(scale), qplan.to(dev), kplan.to(dev), heads_table.to(dev), **masks)
+        def map_of(qplan: AxisPlan, kplan: AxisPlan, heads_table: torch.Tensor) -> torch.Tensor:
+            return next(finished)
+    else:
+        lse, tokens, ent, peak = impl.forward(q4, k4, v4, out4, float(scale), selected=sel,
+                                              want_stats=want_stats, **masks)
+
+        def map_of(qplan: AxisPlan, kplan: AxisPlan, heads_table: torch.Tensor) -> torch.Tensor:
+            dev = q4.device
+            return impl.map_pass(q4, k4, lse, float(scale), qplan.to(dev), kplan.to(dev), heads_table.to(dev),
+                                 **masks)
 
     results = []
     for plan in plans:
@@ -97,6 +108,24 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     if single:
         return out, results[0] if results else {}
     return out, results
+
+
+def _map_jobs(plan: Plan) -> list[tuple[AxisPlan, AxisPlan, torch.Tensor]]:
+    """The map-pass calls the product loop below makes for ``plan``, in its order."""
+    jobs = []
+    if plan.want_map:
+        jobs.append((plan.query, plan.key, plan.heads_table))
+    if plan.rows is not None:
+        jobs.append((plan.rows, plan.key, plan.heads_table))
+    if "colsum" in plan.stats and not plan.want_map:
+        jobs.append((_one_bin(plan.query), plan.key, plan.heads_table))
+    return jobs
+
+
+def _one_bin(qplan: AxisPlan) -> AxisPlan:
+    """The query range of a plan as a single bin (colsum without a map)."""
+    start, stop = int(qplan.perm.min()), int(qplan.perm.max()) + 1
+    return plan_range(start, stop, (stop - start,), (stop - start,))
 
 
 def _selected_union(plans: list[Plan]) -> torch.Tensor | None:
@@ -131,6 +160,5 @@ def _colsum(pooled_map: torch.Tensor | None, plan: Plan, map_of) -> torch.Tensor
     qplan = plan.query
     if pooled_map is not None:
         return (pooled_map * qplan.counts.to(pooled_map.device)[:, None]).sum(2)
-    start, stop = int(qplan.perm.min()), int(qplan.perm.max()) + 1
-    one_bin = plan_range(start, stop, (stop - start,), (stop - start,))
-    return map_of(one_bin, plan.key, plan.heads_table)[:, :, 0] * float(stop - start)
+    one_bin = _one_bin(qplan)
+    return map_of(one_bin, plan.key, plan.heads_table)[:, :, 0] * float(one_bin.nslots)

@@ -28,7 +28,6 @@ def no_work(monkeypatch):
         raise AssertionError("work started before validation finished")
 
     monkeypatch.setattr(cpu_path, "forward", boom)
-    monkeypatch.setattr(cpu_path, "map_pass", boom)
 
 
 @pytest.mark.parametrize("make, kwargs, exc, words", [
