@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-kernels demo bench bench-gpu clean
+.PHONY: venv test demo bench bench-gpu clean
 
 venv: $(STAMP)
 
@@ -24,8 +24,20 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/attncap demo
 
+# CPU suite: pytest-benchmark timings, then the measured run (time and peak memory per provider and
+# shape, each in a fresh process), the demo model's grounding benchmark, and the RESULTS.md tables.
 bench: $(STAMP)
-	$(VENV)/bin/pytest -q benchmarks --benchmark-only --benchmark-json=benchmarks/cpu.json
+	$(VENV)/bin/pytest -q benchmarks --benchmark-only --benchmark-json=benchmarks/pytest-benchmark-cpu.json
+	$(PY) benchmarks/run.py --device cpu
+	$(PY) benchmarks/grounding.py --write-results
+	$(PY) benchmarks/report.py
+
+# GPU suite, on a CUDA machine whose python has a CUDA torch, triton and diffusers (not the CPU .venv).
+bench-gpu:
+	$(PYTHON) -m pip install -q --no-deps -e .
+	$(PYTHON) benchmarks/run.py --device cuda
+	$(PYTHON) benchmarks/e2e_wan.py --device cuda --write-results
+	$(PYTHON) benchmarks/report.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -24,6 +24,30 @@ STAT_COLUMNS = [("layer", "layer"), ("relation", "relation"), ("grid", "grid"), 
                 ("mass", "mass"), ("top_token", "top token")]
 
 
+def replace_section(path: str | Path, section: str) -> Path:
+    """Put a markdown section (text starting with its "## " heading line) into the file at ``path``:
+    it replaces the section with the same heading, up to the next "## " heading, or is appended.
+    Lets several scripts own one section each of a shared file such as benchmarks/RESULTS.md."""
+    path = Path(path)
+    heading = section.splitlines()[0]
+    if not heading.startswith("## "):
+        raise ValueError(f"a section starts with its '## ' heading line; got {heading!r}")
+    text = path.read_text() if path.exists() else ""
+    if text.startswith(heading + "\n"):
+        start = 0
+    else:
+        found = text.find("\n" + heading + "\n")
+        start = found + 1 if found >= 0 else -1
+    body = section.rstrip("\n") + "\n"
+    if start < 0:
+        text = text.rstrip("\n") + ("\n\n" if text.strip() else "") + body
+    else:
+        nxt = text.find("\n## ", start + len(heading))
+        text = text[:start] + body + ("\n" + text[nxt + 1:] if nxt >= 0 else "")
+    path.write_text(text)
+    return path
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return "-" if math.isnan(v) else f"{v:.3g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"

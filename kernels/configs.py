@@ -30,10 +30,18 @@ def dot_in_f32(x: torch.Tensor) -> bool:
     return x.dtype == torch.bfloat16 and interpreting(x.device)
 
 
-def forward_config(d: int, dv: int, n_sel: int, device: torch.device) -> LaunchConfig:
-    """Chosen from the sm_90 register report of tools/compile_kernels.py: no spills at D <= 128."""
+# Shared memory per block: sm_80 allows 163 KiB, sm_90 227 KiB. fp32 tiles are twice as large as
+# fp16/bf16 ones; the 16-bit configs below would need 256 KiB with fp32 inputs at D = 65..128.
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+
+
+def forward_config(d: int, dv: int, n_sel: int, device: torch.device, itemsize: int = 2) -> LaunchConfig:
+    """Chosen from the sm_90 register and shared-memory report of tools/compile_kernels.py: no spills
+    at D <= 128 for 16-bit inputs; fp32 inputs (itemsize 4) take smaller tiles to fit sm_80's shared memory."""
     if interpreting(device):
         return LaunchConfig(32, 32, 4, 1)
+    if itemsize > 2:
+        return LaunchConfig(64, 32, 8, 2)
     if max(d, dv) > 128:
         return LaunchConfig(64, 32, 8, 2)
     # A token-column accumulator of up to 128 fp32 columns sits beside the output accumulator:

@@ -137,7 +137,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor
     tokens = torch.empty((B, H, Nq, n_sel), device=dev, dtype=torch.float32) if n_sel else None
     ent = torch.empty((B, H, Nq), device=dev, dtype=torch.float32) if want_stats else None
     peak = torch.empty((B, H, Nq), device=dev, dtype=torch.float32) if want_stats else None
-    cfg = forward_config(D, Dv, n_sel, dev)
+    cfg = forward_config(D, Dv, n_sel, dev, q.element_size())
     block_s = max(16, triton.next_power_of_2(max(n_sel, 1)))
     grid = (triton.cdiv(Nq, cfg.block_m), B * H)
     attn_fwd_kernel[grid](

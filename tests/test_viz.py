@@ -255,3 +255,16 @@ def test_render_all_without_tokens_or_image_uses_positions(tmp_path):
     names = {p.name for p in paths}
     assert {"token_heatmaps.png", "evolution.gif", "report.md"} <= names
     assert A.token_importance(store)[0].label == "0"  # positions as labels; nothing is special (the sink wins)
+
+
+def test_replace_section_keeps_the_other_sections(tmp_path):
+    from attncap.report import replace_section
+
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# Results\n\nintro\n\n## A\n\na1\n\n## B\n\nb1\n")
+    replace_section(path, "## A\n\nnew a\n")
+    replace_section(path, "## C\n\nc\n")
+    replace_section(path, "## C\n\nc2")
+    assert path.read_text() == "# Results\n\nintro\n\n## A\n\nnew a\n\n## B\n\nb1\n\n## C\n\nc2\n"
+    with pytest.raises(ValueError, match="heading"):
+        replace_section(path, "no heading\n")

@@ -246,19 +246,6 @@ def results_section(result: GroundingResult, env: dict, info: dict | None = None
     return "\n".join(lines)
 
 
-def write_section(path: str | Path, section: str) -> None:
-    """Replace this benchmark's section of a markdown file (up to the next '## ' heading), or append it."""
-    path = Path(path)
-    text = path.read_text() if path.exists() else ""
-    start = text.find(SECTION)
-    if start < 0:
-        text = text.rstrip("\n") + ("\n\n" if text.strip() else "") + section
-    else:
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section.rstrip("\n") + "\n" + (text[nxt:] if nxt >= 0 else "")
-    path.write_text(text if text.endswith("\n") else text + "\n")
-
-
 def save_figure(scenes, images: np.ndarray, store, path: str | Path, threshold: str = "otsu",
                 max_scenes: int = 6) -> Path:
     """A grid: per scene the generated image, then each caption word's map (colour and shape words)."""
@@ -290,4 +277,4 @@ def save_figure(scenes, images: np.ndarray, store, path: str | Path, threshold: 
 
 
 __all__ = ["COLOURS", "SHAPES", "GroundingResult", "evaluate", "generate_with_maps", "score", "otsu_threshold",
-           "binarise", "iou", "caption_objects", "score_image", "results_section", "write_section", "save_figure", "environment", "heldout_seeds"]
+           "binarise", "iou", "caption_objects", "score_image", "results_section", "save_figure", "environment", "heldout_seeds"]
