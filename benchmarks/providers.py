@@ -55,7 +55,7 @@ class Reductions:
     def __init__(self, req: MapRequest, B: int, H: int, Nq: int, Nk: int, device):
         if req.queries is not None:
             raise ValueError("benchmark providers do not compute 'rows'")
-        self.req, self.H = req, H
+        self.req = req
         self.qs, self.qe = req.query_range or (0, Nq)
         self.ks, self.ke = req.key_range or (0, Nk)
         self.qbin, self.qcount = _bins(self.qe - self.qs, req.query_grid, req.query_pool, device)

@@ -6,7 +6,8 @@
 Each (provider, shape) runs in a fresh process (benchmarks/measure.py, forked from a server that
 has only imported torch and attncap), so every peak-memory figure is that provider's alone. For
 each shape attncap_fused runs first and saves its products, which every other provider must match
-(1e-4 on CPU) before it is timed. CPU shapes are scaled-down
+(1e-4 on CPU) before it is timed. On a CPU shared with other work, each worker waits (up to
+20 s) for a quiet second first, and records how much CPU others took while it timed. CPU shapes are scaled-down
 stand-ins of the real ones; every row names its real shape in "scaled_from".
 Then render the tables: python benchmarks/report.py
 """
@@ -28,6 +29,20 @@ from shapes import shapes_for  # noqa: E402
 
 ORDER = ("attncap_fused", "sdpa", "attncap_plain", "chunked_eager", "naive")  # attncap_fused first: the yardstick
 WORKER_TIMEOUT_S = 600
+QUIET_WAIT_S = 20  # longest wait for other processes to calm down before each CPU worker
+
+
+def wait_for_quiet(max_wait_s: float) -> float:
+    """Wait (up to max_wait_s) for a second in which other processes use under 10% of the CPU, so
+    that timings on a shared machine are not taken in someone else's burst. Returns seconds waited."""
+    start = time.time()
+    while time.time() - start < max_wait_s:
+        ticks, t0 = measure.others_cpu_ticks(), time.time()
+        time.sleep(1.0)
+        capacity = (time.time() - t0) * os.sysconf("SC_CLK_TCK") * os.cpu_count()
+        if (measure.others_cpu_ticks() - ticks) / capacity < 0.1:
+            break
+    return time.time() - start
 
 
 def run_worker(ctx, cfg: dict) -> list[dict]:
@@ -65,25 +80,26 @@ def main() -> None:
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "attncap", "measure"])
     rows: list[dict] = []
-    t_start = time.time()
+    t_start, waited = time.time(), 0.0
     with tempfile.TemporaryDirectory(prefix="attncap-bench-") as refdir:
         for shape, scaled_from in shapes:
             for provider in (p for p in ORDER if p in wanted):
                 tasks = ["forward"] if provider in ("sdpa", "attncap_plain") else list(shape.tasks)
                 cfg = dict(provider=provider, shape=shape.name, device=args.device, tasks=tasks,
                            scaled_from=scaled_from, refdir=refdir, save_ref=provider == "attncap_fused")
+                waited += wait_for_quiet(QUIET_WAIT_S) if args.device == "cpu" else 0.0
                 for row in run_worker(ctx, cfg):
                     rows.append(row)
                     status = row.get("error") or row.get("skipped") or \
                         f"{row['median_ms']:10.1f} ms  {row['peak_extra_mib']:8.1f} MiB"
                     print(f"{shape.name:14s} {row['task']:22s} {provider:14s} {status}", flush=True)
-            write(out_path, rows, args, time.time() - t_start)
-    print(f"{len(rows)} rows in {time.time() - t_start:.0f} s -> {out_path}")
+            write(out_path, rows, args, time.time() - t_start, waited)
+    print(f"{len(rows)} rows in {time.time() - t_start:.0f} s ({waited:.0f} s waiting for a quiet CPU) -> {out_path}")
 
 
-def write(path: str, rows: list[dict], args, seconds: float) -> None:
+def write(path: str, rows: list[dict], args, seconds: float, waited: float) -> None:
     doc = dict(command=" ".join(["python benchmarks/run.py"] + sys.argv[1:]), device=args.device,
-               suite_seconds=round(seconds, 1), rows=rows)
+               suite_seconds=round(seconds, 1), waited_for_quiet_s=round(waited, 1), rows=rows)
     with open(path, "w") as f:
         json.dump(doc, f, indent=1)
 

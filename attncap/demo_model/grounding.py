@@ -233,6 +233,11 @@ def results_section(result: GroundingResult, env: dict, info: dict | None = None
              "word and of its shape word (cond branch, heads averaged, all layers and steps, resized to 32x32) is "
              f"binarised with {'Otsu' if s['threshold'] == 'otsu' else s['threshold']} and scored by IoU with the "
              "object's mask. Control: the same binary map against another object of the scene.", "",
+             *([f"The model was trained with an auxiliary loss (weight {info['attn_loss']}) that pulls each colour and "
+                "shape word's cross-attention towards its object (`--attn-loss`, see attncap/demo_model/train.py), "
+                "besides the diffusion loss: this benchmark checks that capture finds that grounding in generated "
+                "images of unseen captions, not that grounding emerges unaided.", ""]
+               if info.get("attn_loss") else []),
              "| word class | mean IoU | control IoU (another object) | words scored |",
              "|---|---|---|---|",
              f"| colour words | {s['iou_colour']:.3f} | {s['control_iou_colour']:.3f} | "
