@@ -8,6 +8,7 @@ against an explicit float64 softmax of the very q and k the modules compute.
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -263,3 +264,19 @@ def test_bad_layouts_fail_before_installing():
     with pytest.raises(TypeError, match="does not know how to capture"):
         with attncap.capture(object()):
             pass
+
+
+def test_part_dit_example_runs_and_each_parts_attention_sums_to_one(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "part_dit.py"
+    spec = importlib.util.spec_from_file_location("example_part_dit", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    table = module.main(["--parts", "2", "--steps", "2", "--batch", "1", "--out", str(tmp_path / "parts.json")])
+    assert set(table) == {0, 1} and set(table[0]) == {"part0", "part1"}
+    for row in table[1].values():
+        assert abs(row["part0"] + row["part1"] + row["text"] - 1.0) < 1e-4 and row["entropy"] > 0
+    diff = float(re.search(r"with capture off: ([0-9.e+-]+)", capsys.readouterr().out).group(1))
+    assert diff < 1e-5  # fp32: attncap's CPU path and SDPA sum in different orders
