@@ -15,7 +15,7 @@ from .store import Store
 @contextmanager
 def capture(target: Any, relations: str | Sequence[str] = "auto", layers: str | Sequence[str] = "all",
             steps: str | int | Sequence[int] = "all", heads: str | Sequence[int] = "mean",
-            tokens: int | Sequence[int] | None = None, pool: int | Sequence[int] | None = None,
+            tokens: int | str | Sequence[int | str] | None = None, pool: int | Sequence[int] | None = None,
             stats: Sequence[str] = (), offload: str | None = "cpu", max_bytes: int = 8 * 2**30,
             spill_dir: str | Path | None = None, backend: str = "auto", layout: Any = None) -> Iterator[Store]:
     """Capture attention maps from every call of ``target`` inside the block.
@@ -28,8 +28,9 @@ def capture(target: Any, relations: str | Sequence[str] = "auto", layers: str | 
                them, "all", or "auto" (the family's text cross-attention: image->text / video->text).
     layers:    "all", a glob such as "*attn2*", or a list of layer names ("unet.down_blocks.1...").
     steps:     "all", "last", or step indices (denoising steps from 0).
-    heads:     "mean", "all" or a list of head indices.   tokens: key indices of the text segment to
-               keep as token maps (one-pass, exact).   pool: int or (t, h, w) on image/video grids.
+    heads:     "mean", "all" or a list of head indices.   pool: int or (t, h, w) on image/video grids.
+    tokens:    text keys to keep as token maps (one pass, exact): key indices, or prompt words such as
+               ["cat", "sofa"] (all their sub-word tokens), found in the prompt the pipeline encodes.
     stats:     any of "entropy", "peak", "colsum".     offload: "cpu" moves maps off the GPU at once.
     max_bytes: the capture is refused before the first step if its products would pass this.
     spill_dir: write every record to disk as soon as it exists (an interrupted run keeps them).

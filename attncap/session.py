@@ -53,7 +53,7 @@ class CaptureConfig:
     layers: str | tuple[str, ...] = "all"
     steps: str | tuple[int, ...] = "all"
     heads: str | tuple[int, ...] = "mean"
-    tokens: tuple[int, ...] | None = None
+    tokens: tuple[int | str, ...] | None = None   # key indices of the text segment, or prompt words
     pool: int | tuple[int, ...] | None = None
     stats: tuple[str, ...] = ()
     max_bytes: int = 8 * 2**30
@@ -74,9 +74,12 @@ class CaptureConfig:
         if not (heads in ("mean", "all") or (not isinstance(heads, str) and all(isinstance(h, int) for h in heads))):
             raise ValueError(f"heads must be 'mean', 'all' or a list of head indices; got {heads!r}")
         if tokens is not None:
-            tokens = tuple(int(t) for t in ([tokens] if isinstance(tokens, int) else tokens))
+            tokens = tuple([tokens] if isinstance(tokens, (int, str)) else tokens)
+            bad = [t for t in tokens if not (isinstance(t, int) and t >= 0 or isinstance(t, str) and t.strip())]
+            if bad:
+                raise ValueError(f"tokens holds key indices (ints >= 0) or prompt words; got {bad}")
             if not 0 < len(tokens) <= MAX_SELECTED_KEYS:
-                raise ValueError(f"tokens must hold 1 to {MAX_SELECTED_KEYS} key indices; got {len(tokens)}")
+                raise ValueError(f"tokens must hold 1 to {MAX_SELECTED_KEYS} key indices or words; got {len(tokens)}")
         bad = [s for s in stats if s not in STATS]
         if bad:
             raise ValueError(f"stats {bad} unknown; choose from {STATS}")
@@ -157,7 +160,7 @@ class CaptureSession:
             keys = None
             # tokens index words: they select keys of grid-less segments other than image embeddings
             if cfg.tokens is not None and kseg.grid is None and kseg.name not in NOT_WORDS:
-                keys = [kseg.start + t for t in cfg.tokens if t < kseg.length]
+                keys = [kseg.start + t for t in self.token_keys() if t < kseg.length]
             request = MapRequest(
                 heads=cfg.heads if isinstance(cfg.heads, str) else list(cfg.heads),
                 map=None if keys else True,
@@ -168,6 +171,22 @@ class CaptureSession:
             )
             out.append((relation, qseg, kseg, request))
         return out
+
+    def token_keys(self) -> list[int]:
+        """The text key indices of config.tokens: words are looked up in the prompt's tokens, which the
+        diffusers integration reads from the pipeline's encode_prompt (the first prompt of a batch)."""
+        words = [t for t in self.config.tokens if isinstance(t, str)]
+        if not words:
+            return list(self.config.tokens)
+        if self.store.tokens is None:
+            raise ValueError(f"tokens={words} names prompt words, but this capture knows no prompt tokens (prompt "
+                             "embeddings passed directly, or a model without a tokenizer): pass key indices, or set "
+                             "store.tokens = attncap.prompts.align(tokenizer, prompt).to_tokens() inside the block")
+        from .prompts import Alignment
+
+        alignment = Alignment.from_tokens(self.store.tokens)
+        keys = [k for t in self.config.tokens for k in ([t] if isinstance(t, int) else alignment.indices(t))]
+        return sorted(set(keys))
 
     def capture_call(self, layer: str, layout: CallLayout, default_relations: Sequence[str], q: torch.Tensor,
                      k: torch.Tensor, v: torch.Tensor, attn_mask=None, is_causal: bool = False,

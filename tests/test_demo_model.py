@@ -136,3 +136,21 @@ def test_grounding_floor(pipe):
     assert s["iou_colour"] >= FLOOR_COLOUR_IOU, s
     assert s["iou_shape"] >= FLOOR_SHAPE_IOU, s
     assert s["control_iou_colour"] <= FLOOR_CONTROL_MAX and s["control_iou_shape"] <= FLOOR_CONTROL_MAX, s
+
+
+def test_tokens_by_word_keep_exactly_those_keys(pipe):
+    prompt = "a red circle and a blue square"
+    kw = dict(relations="image->text", layers="*attn2", steps=[2])
+    with attncap.capture(pipe, relations=kw["relations"], layers=kw["layers"], steps=kw["steps"],
+                         tokens=["circle", "blue"]) as by_word:
+        pipe(prompt, num_inference_steps=3, generator=torch.Generator().manual_seed(1))
+    with attncap.capture(pipe, relations=kw["relations"], layers=kw["layers"], steps=kw["steps"]) as full:
+        pipe(prompt, num_inference_steps=3, generator=torch.Generator().manual_seed(1))
+    assert by_word.records and all(r.kind == "tokens" and r.meta["keys"] == [2, 5] for r in by_word.records)
+    for word in ("circle", "blue"):
+        torch.testing.assert_close(by_word.token_map(word, size=(32, 32)), full.token_map(word, size=(32, 32)))
+    with pytest.raises(ValueError, match=r"'zebra' is not in the prompt"):
+        with attncap.capture(pipe, layers="*attn2", tokens=["zebra"]):
+            pipe(prompt, num_inference_steps=1)
+    with pytest.raises(ValueError, match="tokens holds key indices"):
+        attncap.capture(pipe, tokens=[-1]).__enter__()
