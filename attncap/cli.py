@@ -27,6 +27,7 @@ from typing import Any
 RELATION = re.compile(r"^[A-Za-z_][\w]*->[A-Za-z_][\w]*$")
 STATS = ("entropy", "peak", "colsum")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+EMBEDDED_MODEL = "shapes"  # attncap run shapes: the demo model shipped in attncap/assets
 
 
 class CLIError(Exception):
@@ -136,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a diffusers pipeline under capture and draw what it attended to",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    run.add_argument("model", help="a diffusers pipeline folder (save_pretrained) or a Hugging Face Hub id")
+    run.add_argument("model", help=f"a diffusers pipeline folder (save_pretrained), a Hugging Face Hub id, or "
+                                   f"{EMBEDDED_MODEL!r} (the embedded demo model)")
     run.add_argument("--prompt", default=None, help="the prompt (with --prompt-embeds: only for token labels)")
     run.add_argument("--negative-prompt", default=None)
     run.add_argument("--prompt-embeds", default=None, metavar="FILE.safetensors",
@@ -211,8 +213,13 @@ def load_pipeline(model: str, dtype=None, quiet: bool = False):
         from diffusers import DiffusionPipeline
     except ImportError:
         raise CLIError("attncap run needs diffusers: pip install 'attncap[diffusers]'") from None
+    if model == EMBEDDED_MODEL:
+        from .demo_model.pipeline import MODEL_DIR
+
+        model = str(MODEL_DIR)
     path = Path(model).expanduser()
     kwargs: dict[str, Any] = {} if dtype is None else {"torch_dtype": dtype}
+    loader = DiffusionPipeline
     if path.exists():
         index = path / "model_index.json"
         if not path.is_dir() or not index.exists():
@@ -226,6 +233,10 @@ def load_pipeline(model: str, dtype=None, quiet: bool = False):
             if isinstance(value, list) and len(value) == 2 and value[0] is None and value[1] is None:
                 kwargs[name] = None
         source = str(path)
+        if config.get("_class_name") == "ShapesPipeline":  # the embedded demo model: not a diffusers class
+            from .demo_model.pipeline import ShapesPipeline
+
+            loader = ShapesPipeline
     else:
         if model.startswith((".", "/", "~")) or model.count("/") != 1 or "\\" in model:
             raise CLIError(f"model path {model!r} does not exist (and it is not a Hub id like org/name)")
@@ -237,9 +248,10 @@ def load_pipeline(model: str, dtype=None, quiet: bool = False):
         dlogging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-            return DiffusionPipeline.from_pretrained(source, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as e:
+            # diffusers >= 0.36 deprecates torch_dtype for dtype; older releases only know torch_dtype
+            warnings.filterwarnings("ignore", message="(?s).*torch_dtype")
+            return loader.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, AttributeError) as e:  # AttributeError: a pipeline class diffusers lacks
         where = "folder" if path.exists() else "Hub id"
         raise CLIError(f"could not load the pipeline from {where} {model!r}: {str(e).splitlines()[0][:400]}") from None
     finally:

@@ -136,3 +136,13 @@ def test_demo_draws_grounded_words_from_the_embedded_model(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--steps", "0"])
     assert "--steps" in capsys.readouterr().err
+
+
+def test_run_takes_the_embedded_model_by_name(tmp_path):
+    assert main(["run", "shapes", "--prompt", "a red circle and a blue square", "--steps", "4", "--tree",
+                 "--quiet", "--out", str(tmp_path)]) == 0
+    (run,) = list(tmp_path.iterdir())
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["pipeline"] == "ShapesPipeline" and meta["records"] > 0
+    assert (run / "image.png").is_file() and (run / "words" / "circle_overlay.png").is_file()
+    assert attncap.load(run).token_map("circle", size=(32, 32)).shape == (32, 32)
