@@ -127,3 +127,23 @@ def forward(q, k, v, out, scale, mask=None, mask_kind=0, key_padding=None, is_ca
         for job in jobs:
             job.add(p, tm)
     return lse, tokens, ent, peak, [job.result() for job in jobs]
+
+
+def maps_from_lse(q, k, lse, scale, maps, mask=None, mask_kind=0, key_padding=None, is_causal=False):
+    """The maps of ``maps`` ((qplan, kplan, heads_table) each) from a given natural-log LSE [B, H, Nq]:
+    P = exp(S - LSE) over query chunks of only the queries the maps need."""
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    jobs = [_MapJob(qp, kp, table, B, Nq, Nk) for qp, kp, table in maps]
+    needed = torch.unique(torch.cat([qp.perm.long() for qp, _, _ in maps]))
+    all_keys = torch.arange(Nk)
+    # A fully masked row has LSE = -inf and every score -inf: +inf turns its probabilities to exp(-inf) = 0.
+    lse = torch.where(torch.isneginf(lse), float("inf"), lse)
+    step = _chunk_rows(B * H * Nk * 4 * 2, needed.numel())
+    for start in range(0, needed.numel(), step):
+        tm = needed[start:start + step]
+        s = _scores(q[:, :, tm], k, scale, tm, all_keys, mask, mask_kind, key_padding, is_causal)
+        p = s.sub_(lse[:, :, tm, None]).exp_()
+        for job in jobs:
+            job.add(p, tm)
+    return [job.result() for job in jobs]

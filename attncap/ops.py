@@ -53,10 +53,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     """
     q4, k4, v4, shapes = check_tensors(q, k, v, layout)
     mask, mask_kind, kpm = check_masks(attn_mask, key_padding_mask, shapes, q4.device)
-    if scale is None:
-        scale = shapes.D ** -0.5
-    elif not (isinstance(scale, (int, float)) and scale > 0):
-        raise ValueError(f"scale must be a positive number or None (1/sqrt(D)); got {scale!r}")
+    scale = _check_scale(scale, shapes.D)
     single = request is None or isinstance(request, MapRequest)
     plans = [check_request(r, shapes) for r in ([] if request is None else [request] if single else request)]
     selected = _selected_union(plans)
@@ -88,30 +85,86 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
             return impl.map_pass(q4, k4, lse, float(scale), qplan.to(dev), kplan.to(dev), heads_table.to(dev),
                                  **masks)
 
-    results = []
-    for plan in plans:
-        products: dict[str, torch.Tensor] = {}
-        if plan.want_map:
-            products["map"] = map_of(plan.query, plan.key, plan.heads_table)
-        if plan.selected is not None:
-            columns = torch.searchsorted(selected, plan.selected).to(tokens.device)
-            products["tokens"] = reduce_per_query(tokens[..., columns], plan)
-        if plan.rows is not None:
-            products["rows"] = map_of(plan.rows, plan.key, plan.heads_table)
-        if "entropy" in plan.stats:
-            products["entropy"] = reduce_per_query(ent, plan)
-        if "peak" in plan.stats:
-            products["peak"] = reduce_per_query(peak, plan)
-        if "colsum" in plan.stats:
-            products["colsum"] = _colsum(products.get("map"), plan, map_of)
-        results.append(products)
+    results = [_products(plan, map_of, tokens, ent, peak, selected) for plan in plans]
     if single:
         return out, results[0] if results else {}
     return out, results
 
 
+def maps_from_lse(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float | None = None,
+                  attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+                  request: MapRequest | Sequence[MapRequest] = MapRequest(), *,
+                  key_padding_mask: torch.Tensor | None = None, layout: str = "bhsd",
+                  backend: str = "auto") -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
+    """The map products (map, rows, colsum) of attention whose forward ran elsewhere.
+
+    For a flash forward attncap did not run (PyTorch SDPA's flash backend, flash-attn, FA3) that
+    returns the log-sum-exp: attncap's map pass recomputes P = exp(scale * Q K^T + mask - LSE) tile
+    by tile from it. q, k, masks and request as in attncap.attention; lse float32 [B, H, Nq] in
+    natural-log units (-inf for a fully masked query), as torch's _scaled_dot_product_flash_attention
+    returns it. Token columns, entropy and peak ride on the forward: ask attncap.attention for those.
+    """
+    q4, k4, _, shapes = check_tensors(q, k, k, layout)
+    if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != (shapes.B, shapes.H, shapes.Nq) \
+            or lse.dtype != torch.float32 or lse.device != q4.device:
+        got = f"{tuple(lse.shape)} {lse.dtype} on {lse.device}" if isinstance(lse, torch.Tensor) else type(lse).__name__
+        raise ValueError(f"lse must be float32 [B, H, Nq] = {(shapes.B, shapes.H, shapes.Nq)} on {q4.device}; got {got}")
+    mask, mask_kind, kpm = check_masks(attn_mask, key_padding_mask, shapes, q4.device)
+    scale = _check_scale(scale, shapes.D)
+    single = isinstance(request, MapRequest)
+    plans = [check_request(r, shapes) for r in ([request] if single else request)]
+    for plan in plans:
+        forward_only = [name for name, asked in (("keys", plan.selected is not None), ("entropy", "entropy" in plan.stats),
+                                                 ("peak", "peak" in plan.stats)) if asked]
+        if forward_only:
+            raise ValueError(f"request asks for {forward_only}, which come from the forward pass; maps_from_lse "
+                             "computes map, rows (queries=) and colsum: use attncap.attention for the others")
+    impl = _backend(backend, q4.device)
+    masks = dict(mask=mask, mask_kind=mask_kind, key_padding=kpm, is_causal=bool(is_causal))
+    if impl is cpu_path:
+        finished = iter(cpu_path.maps_from_lse(q4, k4, lse, float(scale),
+                                               [job for plan in plans for job in _map_jobs(plan)], **masks))
+
+        def map_of(qplan: AxisPlan, kplan: AxisPlan, heads_table: torch.Tensor) -> torch.Tensor:
+            return next(finished)
+    else:
+        def map_of(qplan: AxisPlan, kplan: AxisPlan, heads_table: torch.Tensor) -> torch.Tensor:
+            dev = q4.device
+            return impl.map_pass(q4, k4, lse, float(scale), qplan.to(dev), kplan.to(dev), heads_table.to(dev),
+                                 **masks)
+    results = [_products(plan, map_of, None, None, None, None) for plan in plans]
+    return results[0] if single else results
+
+
+def _check_scale(scale: float | None, d: int) -> float:
+    if scale is None:
+        return d ** -0.5
+    if not (isinstance(scale, (int, float)) and scale > 0):
+        raise ValueError(f"scale must be a positive number or None (1/sqrt(D)); got {scale!r}")
+    return scale
+
+
+def _products(plan: Plan, map_of, tokens, ent, peak, selected) -> dict[str, torch.Tensor]:
+    """One request's products: maps from map_of (in _map_jobs' order), the rest from the forward."""
+    products: dict[str, torch.Tensor] = {}
+    if plan.want_map:
+        products["map"] = map_of(plan.query, plan.key, plan.heads_table)
+    if plan.selected is not None:
+        columns = torch.searchsorted(selected, plan.selected).to(tokens.device)
+        products["tokens"] = reduce_per_query(tokens[..., columns], plan)
+    if plan.rows is not None:
+        products["rows"] = map_of(plan.rows, plan.key, plan.heads_table)
+    if "entropy" in plan.stats:
+        products["entropy"] = reduce_per_query(ent, plan)
+    if "peak" in plan.stats:
+        products["peak"] = reduce_per_query(peak, plan)
+    if "colsum" in plan.stats:
+        products["colsum"] = _colsum(products.get("map"), plan, map_of)
+    return products
+
+
 def _map_jobs(plan: Plan) -> list[tuple[AxisPlan, AxisPlan, torch.Tensor]]:
-    """The map-pass calls the product loop below makes for ``plan``, in its order."""
+    """The map-pass calls _products makes for ``plan``, in its order."""
     jobs = []
     if plan.want_map:
         jobs.append((plan.query, plan.key, plan.heads_table))

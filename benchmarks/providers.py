@@ -8,6 +8,8 @@ No masks: every provider gets q, k, v, the softmax scale and a MapRequest (or No
     sdpa           torch SDPA, no capture: the floor every capture is measured against
     attncap_plain  attncap.attention without a request (output only)
     attncap_fused  attncap.attention with the request (Triton on CUDA, the chunked CPU path on CPU)
+    hybrid         PyTorch's own flash SDPA returning the LSE, then attncap.maps_from_lse (the map
+                   pass): maps and column sums only, token columns and entropy need attncap's forward
     chunked_eager  what capture tools do today: SDPA for the output, then softmax(QK^T * scale) in
                    fp32 eager torch over query chunks of ~256 MiB [B, H, chunk, Nk], each reduced
     naive          softmax(QK^T * scale) of the whole [B, H, Nq, Nk] in fp32, then out = P V and
@@ -27,8 +29,8 @@ import attncap
 from attncap import MapRequest
 from attncap.reference import normalize_pool
 
-PROVIDERS = ("sdpa", "attncap_plain", "attncap_fused", "chunked_eager", "naive")
-CAPTURE = ("attncap_fused", "chunked_eager", "naive")
+PROVIDERS = ("sdpa", "attncap_plain", "attncap_fused", "hybrid", "chunked_eager", "naive")
+CAPTURE = ("attncap_fused", "hybrid", "chunked_eager", "naive")
 EAGER_CHUNK_BYTES = 256 * 2**20
 
 
@@ -126,6 +128,23 @@ def attncap_plain(q, k, v, scale, request=None):
 
 def attncap_fused(q, k, v, scale, request):
     return attncap.attention(q, k, v, scale=scale, request=request)
+
+
+def unsupported(provider: str, request: MapRequest) -> str | None:
+    """Why a provider cannot compute a request (None when it can)."""
+    if provider == "hybrid" and (request.keys is not None or {"entropy", "peak"} & set(request.stats)):
+        return "token columns and entropy come from attncap's forward, not from an LSE"
+    return None
+
+
+def hybrid(q, k, v, scale, request):
+    """SDPA's flash kernel (aten's flash op on CUDA, its fused CPU flash on CPU) gives out and the
+    natural-log LSE; attncap's map pass recomputes P from that LSE for the maps."""
+    if q.is_cuda:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
+    return out, attncap.maps_from_lse(q, k, lse, scale=scale, request=request)
 
 
 def chunked_eager(q, k, v, scale, request):

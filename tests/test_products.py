@@ -178,3 +178,50 @@ def test_a_thousand_tokens_through_the_kernels(poison_outputs):
     torch.testing.assert_close(out.cpu().double(), ref_out, atol=OUT_TOL[torch.float32], rtol=OUT_TOL[torch.float32])
     for name in ref:
         torch.testing.assert_close(got[name].cpu().double(), ref[name], **PRODUCT_TOL)
+
+
+def reference_lse(q, k, c: Case, kw: dict) -> torch.Tensor:
+    """float32 [B, H, Nq] natural-log LSE of the masked scores, -inf where a query sees no key."""
+    if c.layout == "bshd":
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+    q, k = q.cpu().double(), k.cpu().double().repeat_interleave(c.H // c.Hk, dim=1)
+    s = q @ k.transpose(-1, -2) * c.D ** -0.5
+    mask = kw.get("attn_mask")
+    if mask is not None and mask.dtype == torch.bool:
+        s = s.masked_fill(~mask.cpu(), float("-inf"))
+    elif mask is not None:
+        s = s + mask.cpu().double()
+    if kw.get("key_padding_mask") is not None:
+        s = s.masked_fill(~kw["key_padding_mask"].cpu()[:, None, None, :], float("-inf"))
+    if c.causal:
+        s = s.masked_fill(~torch.ones(c.Nq, c.Nk, dtype=torch.bool).tril(), float("-inf"))
+    return torch.logsumexp(s, -1).float().to(DEVICE)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_maps_from_an_external_lse_match_reference(case: Case, backend: str, poison_outputs):
+    """The hybrid path: another kernel's forward gave the LSE, attncap's map pass gives the maps."""
+    q, k, v, kw = make_inputs(case)
+    wanted = dict(case.request, keys=None, stats=tuple(s for s in case.request.get("stats", ()) if s == "colsum"))
+    if wanted.get("queries") is None and not wanted["stats"] and wanted.get("map") is None:
+        wanted["map"] = True
+    request = MapRequest(**wanted)
+    got = attncap.maps_from_lse(q, k, reference_lse(q, k, case, kw), request=request, layout=case.layout,
+                                backend=backend, **kw)
+    _, ref = attention_reference(q.cpu(), k.cpu(), v.cpu(), request=request, layout=case.layout,
+                                 **{n: (t.cpu() if isinstance(t, torch.Tensor) else t) for n, t in kw.items()})
+    assert set(got) == set(ref) and got
+    for name in ref:
+        assert not torch.isnan(got[name]).any(), name
+        tol = CPU_PATH_TOL if backend == "torch" else PRODUCT_TOL
+        torch.testing.assert_close(got[name].cpu().double(), ref[name], **tol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_maps_from_lse_refuses_forward_products_and_bad_lse():
+    q, k = (torch.randn(1, 2, 8, 16) for _ in range(2))
+    lse = torch.zeros(1, 2, 8)
+    with pytest.raises(ValueError, match=r"\['keys', 'entropy'\].*attncap.attention"):
+        attncap.maps_from_lse(q, k, lse, request=MapRequest(keys=[1], stats=("entropy",)))
+    with pytest.raises(ValueError, match=r"lse must be float32 \[B, H, Nq\] = \(1, 2, 8\)"):
+        attncap.maps_from_lse(q, k, lse[:, :1], request=MapRequest())
