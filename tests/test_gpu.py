@@ -17,7 +17,7 @@ from conftest import GPU
 pytestmark = pytest.mark.skipif(not GPU, reason="needs CUDA")
 
 # bf16 outputs: 8-bit mantissa after P is cast to bf16 for P@V (as every flash kernel does);
-# products: fp32 with tf32 pooling dots on the tensor cores.
+# products: fp32, with P fed to the pooling dots in fp16 (see tests/test_products.py).
 OUT_TOL = {torch.bfloat16: 2e-2, torch.float16: 3e-3}
 PRODUCT_TOL = dict(atol=2e-3, rtol=5e-3)
 
@@ -65,3 +65,15 @@ def test_75600_tokens_need_64_bit_offsets(poison_outputs):
         torch.testing.assert_close(products["rows"][0, i].double(), expected, **PRODUCT_TOL)
         ref_out = expected @ v[0, :, h].double()
         torch.testing.assert_close(out[0, probe, h].double(), ref_out, atol=2e-2, rtol=2e-2)
+
+
+def test_maps_from_the_lse_of_pytorchs_flash_attention(poison_outputs):
+    """The hybrid path at a real shape: aten's flash kernel gives out and LSE, attncap the pooled map."""
+    H, grid, D = 8, (64, 64), 64
+    q, k, v = (torch.randn(1, H, grid[0] * grid[1], D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    _, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False)[:2]
+    request = MapRequest(query_grid=grid, key_grid=grid, query_pool=4, key_pool=4, stats=("colsum",))
+    got = attncap.maps_from_lse(q, k, lse, request=request)
+    _, ref = attention_reference(q, k, v, request=request)
+    for key in ref:
+        torch.testing.assert_close(got[key].double(), ref[key], **PRODUCT_TOL, msg=lambda m: f"{key}: {m}")
