@@ -29,7 +29,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from attncap.kernels.configs import SHARED_LIMIT, LaunchConfig, forward_config, map_config  # noqa: E402
+from attncap.kernels.configs import SHARED_LIMIT, forward_config, map_config  # noqa: E402
 from attncap.kernels.forward import attn_fwd_kernel  # noqa: E402
 from attncap.kernels.map_pass import attn_map_kernel  # noqa: E402
 

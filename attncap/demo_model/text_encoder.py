@@ -11,7 +11,6 @@ classifier-free guidance, the caption dropped in training) encodes to all zeros.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch import nn

@@ -175,7 +175,7 @@ def grid(cells: Sequence[Sequence[np.ndarray | None]], cell_labels: Sequence[Seq
     labels on the left, a title above. None cells stay blank. Returns uint8 [H, W, 3]."""
     from PIL import Image, ImageDraw
 
-    nrows, ncols = len(cells), max(len(r) for r in cells)
+    ncols = max(len(r) for r in cells)
     col_w = [max((r[c].shape[1] for r in cells if c < len(r) and r[c] is not None), default=8) for c in range(ncols)]
     row_h = [max((c.shape[0] for c in r if c is not None), default=8) for r in cells]
     line = font_size + 5
