@@ -71,6 +71,8 @@ def run(out_dir: str | Path | None = None, captions: Sequence[str] = CAPTIONS, s
         (folder / "grounding.json").write_text(json.dumps(scores, indent=1) + "\n")
         seconds = time.perf_counter() - t0
         ious = ", ".join(f"{w} {s['iou']:.2f}" for w, s in scores.items() if s["iou"] is not None)
+        missing = sorted({s["object"] for s in scores.values() if s["iou"] is None})
+        ious += f" (not drawn by the model: {', '.join(missing)})" if missing else ""
         say(f"attncap demo: {caption!r}: {len(store)} records, {seconds:.1f} s; IoU {ious or 'n/a'} -> {folder}")
         lines += [f"## {caption}", "", f"![picture and word maps]({folder.name}/token_heatmaps.png)", "",
                   f"Animation: [{folder.name}/evolution.gif]({folder.name}/evolution.gif); report: "
