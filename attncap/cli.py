@@ -63,28 +63,26 @@ def _pool(text: str):
     return vals[0] if len(vals) == 1 else tuple(vals)
 
 
-def _heads(text: str):
-    if text in ("mean", "all"):
+def _keyword_or_indices(text: str, keywords: tuple[str, ...], what: str, example: str):
+    """One of ``keywords``, or a comma list of indices >= 0."""
+    if text in keywords:
         return text
     try:
         vals = [int(v) for v in _csv(text)]
     except ValueError:
         vals = []
     if not vals or min(vals) < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: use 'mean', 'all' or head indices like 0,3,5")
+        named = ", ".join(repr(k) for k in keywords)
+        raise argparse.ArgumentTypeError(f"{text!r}: use {named} or {what} like {example}")
     return vals
+
+
+def _heads(text: str):
+    return _keyword_or_indices(text, ("mean", "all"), "head indices", "0,3,5")
 
 
 def _capture_steps(text: str):
-    if text in ("all", "last"):
-        return text
-    try:
-        vals = [int(v) for v in _csv(text)]
-    except ValueError:
-        vals = []
-    if not vals or min(vals) < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: use 'all', 'last' or step indices like 0,10,20")
-    return vals
+    return _keyword_or_indices(text, ("all", "last"), "step indices", "0,10,20")
 
 
 def _stats(text: str):

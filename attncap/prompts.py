@@ -88,7 +88,7 @@ class Alignment:
                 for w, idx in self.words[i:i + len(wanted)]:
                     found += idx
         if not found:  # fall back to spelling the word out of token pieces (no word list, e.g. loaded)
-            found = _spell(word, self.tokens)
+            found = spell(word, self.tokens)
         if not found:
             have = [w for w, _ in self.words] or self.labels
             raise ValueError(f"word {word!r} is not in the prompt; words: {have}")
@@ -141,7 +141,7 @@ def positions(n: int) -> Alignment:
     return Alignment([str(i) for i in range(n)], [])
 
 
-def _spell(word: str, tokens: Sequence[str]) -> list[int]:
+def spell(word: str, tokens: Sequence[str]) -> list[int]:
     """Runs of tokens whose pieces spell ``word`` ('gir' + 'affe</w>' -> 'giraffe')."""
     target = "".join(word.lower().split())
     pieces = [_norm(t) if not is_special(t) else "" for t in tokens]

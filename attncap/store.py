@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .prompts import spell
+
 FORMAT = "attncap.store"
 VERSION = 1
 NDIM = {"map": 4, "tokens": 4, "rows": 4, "colsum": 3, "entropy": 3, "peak": 3}
@@ -92,12 +94,6 @@ def _resize(data: torch.Tensor, axis: int, grid, size: tuple[int, int]) -> tuple
     x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
     new_grid = tuple(grid[:-2]) + tuple(size)
     return x.reshape(*lead, math.prod(new_grid)).movedim(-1, axis), new_grid
-
-
-def _norm_piece(token: str) -> str:
-    """'cat</w>', '▁cat', 'Ġcat', '##cat' -> 'cat'."""
-    t = token.replace("</w>", "").replace("\u2581", "").replace("\u0120", "").strip().lower()
-    return t[2:] if t.startswith("##") else t
 
 
 class Store:
@@ -252,17 +248,7 @@ class Store:
                              "store.tokens = {'text': [token strings]}")
         if not isinstance(toks[0], str):
             toks = toks[batch]
-        target = "".join(word.lower().split())
-        pieces = [_norm_piece(t) for t in toks]
-        found = []
-        for i in range(len(pieces)):  # runs of sub-word pieces spelling the word ("gir", "affe</w>")
-            acc, j = "", i
-            while pieces[i] and j < len(pieces) and target.startswith(acc + pieces[j]):
-                acc += pieces[j]
-                j += 1
-                if acc == target:
-                    found += range(i, j)
-                    break
+        found = spell(word, toks)  # runs of sub-word pieces spelling the word ("gir", "affe</w>")
         if not found:
             raise ValueError(f"word {word!r} is not among the tokens {list(toks)}")
         return sorted(set(found))
