@@ -37,3 +37,13 @@ def pytest_report_header(config):
 @pytest.fixture(autouse=True)
 def _seed(request):
     torch.manual_seed(SEED + sum(map(ord, request.node.nodeid)))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny models (pytestmark = pytest.mark.usefixtures("one_thread")): they gain
+    nothing from intra-op threads, and on a busy CPU the threads' spin-waits cost several times over."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

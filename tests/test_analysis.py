@@ -29,6 +29,8 @@ LAYERS = [("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2", (16, 24
 SELF = ("unet.up_blocks.1.attentions.0.transformer_blocks.0.attn1", (16, 24))
 STEPS = 3
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def blob(grid, centre, sigma=0.08):
     """exp(-d^2 / 2 sigma^2) on a grid of cell centres, distances in image fractions."""
@@ -87,14 +89,6 @@ def hot_fraction(m: torch.Tensor) -> tuple[float, float]:
 def close(a, b, tol=0.08) -> bool:
     return abs(a[0] - b[0]) <= tol and abs(a[1] - b[1]) <= tol
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small tensors: one thread is faster (and much faster on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ------------------------------------------------------------------ statistics

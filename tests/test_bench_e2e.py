@@ -21,14 +21,6 @@ def e2e():
     return module
 
 
-@pytest.fixture
-def one_thread():
-    # Tiny matmuls gain nothing from threads, and other work may share the machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_tiny_run_times_every_mode_and_writes_its_section(e2e, tmp_path, one_thread):
     results = tmp_path / "RESULTS.md"

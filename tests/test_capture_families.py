@@ -29,6 +29,8 @@ VIDEO_GRID = (3, 3, 5)    # Wan: 9 frames 48x80 -> latent 3x6x10 -> patch (1, 2,
 NI, NV = math.prod(IMAGE_GRID), math.prod(VIDEO_GRID)
 Seg = tuple  # (start, stop, grid or None)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 # ------------------------------------------------------------------------------ token layouts
 def sd3_layout(layer: str, index: int):
@@ -103,14 +105,6 @@ CASES = {
                      _blocks("transformer.blocks", 2, ("attn1", "attn2"), BOTH), batched_cfg=False, pool=(3, 1, 4)),
 }
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy CPU their spin-waits cost 5-7x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

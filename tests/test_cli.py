@@ -17,14 +17,7 @@ from tiny_pipelines import tiny_sd
 
 PROMPT = "a giraffe on a red sofa"
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny pipeline runs faster on one thread (and much faster on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,8 @@ from test_analysis import GIRAFFE, LAYERS, RED, STEPS, blob, close, planted_stor
 
 GREY = np.full((96, 144, 3), 128, np.uint8)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def runs(flags: np.ndarray) -> list[tuple[int, int]]:
     out, start = [], None
@@ -76,14 +78,6 @@ def read_frames(path) -> np.ndarray:
             return np.stack([np.asarray(f)[..., :3] for f in reader])
     return iio.imread(path, index=None)[..., :3]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small tensors: one thread is faster (and much faster on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
