@@ -58,10 +58,14 @@ class _MapJob:
         kperm = kplan.perm.long()
         lo, hi = int(kperm.min()), int(kperm.max()) + 1
         # Key axes are ranges: slice them (a view) and pool by each key's bin, no gather of the chunk.
-        self.keys = slice(lo, hi) if hi - lo == kperm.numel() else kperm
+        contiguous = hi - lo == kperm.numel()
+        self.keys = slice(lo, hi) if contiguous else kperm
         key_bins = torch.empty(Nk, dtype=torch.long)
         key_bins[kperm] = kplan.bin_of_slot.long()
-        self.key_bins = key_bins[lo:hi] if isinstance(self.keys, slice) else kplan.bin_of_slot.long()
+        self.key_bins = key_bins[lo:hi] if contiguous else kplan.bin_of_slot.long()
+        # Columns come out in bin order: only an unpooled, ascending key range is already in it.
+        ascending = contiguous and bool((kperm == torch.arange(lo, hi)).all())
+        self.bin_keys = kplan.pooled or not ascending
         self.total = torch.zeros((B, heads_table.shape[0], qplan.nbins, kplan.nbins), dtype=torch.float32)
 
     def add(self, probs: torch.Tensor, tm: torch.Tensor) -> None:
@@ -74,7 +78,7 @@ class _MapJob:
         if not bool(inside.all()):
             p = p[:, :, inside]
         p = p.sum(1, keepdim=True) if self.table.shape[0] == 1 and self.hpg == p.shape[1] else p[:, self.table].sum(2)
-        if self.kplan.pooled or not isinstance(self.keys, slice):
+        if self.bin_keys:
             p = torch.zeros(p.shape[:3] + (self.kplan.nbins,)).index_add_(3, self.key_bins, p)
         self.total.index_add_(2, bins[inside], p)
 
