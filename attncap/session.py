@@ -16,10 +16,10 @@ from typing import Sequence
 
 import torch
 
+from .coverage import Ledger
 from .ops import attention
-from .request import STATS, MapRequest
+from .request import MapRequest
 from .store import Record, Store
-from .validate import MAX_SELECTED_KEYS
 
 SPATIAL = ("image", "video")
 NOT_WORDS = SPATIAL + ("image_ctx",)  # segments whose keys are not words even without a grid
@@ -32,6 +32,7 @@ class Segment:
     start: int
     stop: int
     grid: tuple[int, ...] | None = None
+    tag: str | None = None  # where the tokens sit inside their medium, e.g. "tile 2 of 5" (kept in Record.meta)
 
     @property
     def length(self) -> int:
@@ -61,34 +62,12 @@ class CaptureConfig:
     @staticmethod
     def build(relations="auto", layers="all", steps="all", heads="mean", tokens=None, pool=None, stats=(),
               max_bytes=8 * 2**30) -> "CaptureConfig":
-        """Check the user's options once, before anything is installed."""
-        rel = relations if isinstance(relations, str) else tuple(relations)
-        for r in ([rel] if isinstance(rel, str) else rel):
-            if r not in ("auto", "all") and (not isinstance(r, str) or r.count("->") != 1):
-                raise ValueError(f"relations entries look like 'image->text'; got {r!r} (or use 'auto' / 'all')")
-        if isinstance(steps, str):
-            if steps not in ("all", "last"):
-                raise ValueError(f"steps must be 'all', 'last' or a list of step indices; got {steps!r}")
-        else:
-            steps = tuple(int(s) for s in ([steps] if isinstance(steps, int) else steps))
-        if not (heads in ("mean", "all") or (not isinstance(heads, str) and all(isinstance(h, int) for h in heads))):
-            raise ValueError(f"heads must be 'mean', 'all' or a list of head indices; got {heads!r}")
-        if tokens is not None:
-            tokens = tuple([tokens] if isinstance(tokens, (int, str)) else tokens)
-            bad = [t for t in tokens if not (isinstance(t, int) and t >= 0 or isinstance(t, str) and t.strip())]
-            if bad:
-                raise ValueError(f"tokens holds key indices (ints >= 0) or prompt words; got {bad}")
-            if not 0 < len(tokens) <= MAX_SELECTED_KEYS:
-                raise ValueError(f"tokens must hold 1 to {MAX_SELECTED_KEYS} key indices or words; got {len(tokens)}")
-        bad = [s for s in stats if s not in STATS]
-        if bad:
-            raise ValueError(f"stats {bad} unknown; choose from {STATS}")
-        if pool is not None and not (isinstance(pool, int) and pool >= 1 or
-                                     not isinstance(pool, int) and len(pool) in (2, 3) and min(pool) >= 1):
-            raise ValueError(f"pool must be a positive int or (h, w) / (t, h, w) factors; got {pool!r}")
-        return CaptureConfig(rel, layers if isinstance(layers, str) else tuple(layers), steps,
-                             heads if isinstance(heads, str) else tuple(heads), tokens,
-                             pool if pool is None or isinstance(pool, int) else tuple(pool), tuple(stats), max_bytes)
+        """Check the user's options once, before anything is installed (attncap.options)."""
+        from . import options
+
+        return CaptureConfig(options.check_relations(relations), options.check_layers(layers),
+                             options.check_steps(steps), options.check_heads(heads), options.check_tokens(tokens),
+                             options.check_pool(pool), options.check_stats(stats), options.check_max_bytes(max_bytes))
 
     def wants_layer(self, name: str) -> bool:
         if self.layers == "all":
@@ -97,10 +76,16 @@ class CaptureConfig:
         return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
 
     def wants_step(self, step: int, total: int | None) -> bool:
+        """Whether to capture ``step`` of a run of ``total`` steps (None: unknown). Step indices past the
+        run's end raise here, at the run's first denoiser call, instead of leaving an empty store."""
         if self.steps == "all":
             return True
         if self.steps == "last":
             return total is not None and step == total - 1
+        if total is not None and self.steps[-1] >= total:
+            late = [s for s in self.steps if s >= total]
+            raise ValueError(f"steps={list(self.steps)}: this run has {total} denoising steps (0 to {total - 1}), "
+                             f"so {late} would capture nothing; use indices below {total}, 'last' or 'all'")
         return step in self.steps
 
     def wants_relation(self, relation: str, default: Sequence[str]) -> bool:
@@ -148,6 +133,19 @@ class CaptureSession:
     store: Store
     state: StepState = field(default_factory=StepState)
     backend: str = "auto"
+    ledger: Ledger = field(default_factory=Ledger)
+
+    def entered(self, layer: str) -> None:
+        """A selected layer runs on a captured step (its attention calls should follow)."""
+        self.ledger.entered(layer)
+
+    def note(self, layer: str, reason: str) -> None:
+        """One attention call of ``layer`` is left to the model's own attention, for ``reason``."""
+        self.ledger.note(layer, reason)
+
+    def problems(self) -> list[str]:
+        """What the block asked for and did not get (see attncap.coverage)."""
+        return self.ledger.problems(self.config.relations, self.config.steps)
 
     def requests_for(self, layout: CallLayout, default_relations: Sequence[str]):
         """MapRequests for the relations of this call that the user asked for, with their segments."""
@@ -190,13 +188,17 @@ class CaptureSession:
 
     def capture_call(self, layer: str, layout: CallLayout, default_relations: Sequence[str], q: torch.Tensor,
                      k: torch.Tensor, v: torch.Tensor, attn_mask=None, is_causal: bool = False,
-                     scale: float | None = None) -> torch.Tensor | None:
-        """Run one SDPA call through attncap and file its products; None leaves it to SDPA."""
+                     scale: float | None = None, layout_name: str = "bhsd") -> torch.Tensor | None:
+        """Run one attention call through attncap and file its products; None leaves it to the model.
+
+        q, k, v as attncap.attention takes them in ``layout_name`` ("bhsd" as SDPA, "bshd" as diffusers'
+        dispatcher); the output comes back in the same layout."""
+        self.ledger.reached(layer, [f"{a.name}->{b.name}" for a, b in layout.relations()])
         wanted = self.requests_for(layout, default_relations)
         if not wanted:
             return None
         out, products = attention(q, k, v, scale=scale, attn_mask=attn_mask, is_causal=is_causal,
-                                  request=[w[3] for w in wanted], backend=self.backend)
+                                  request=[w[3] for w in wanted], backend=self.backend, layout=layout_name)
         for (relation, qseg, kseg, request), prods in zip(wanted, products):
             for kind, data in prods.items():
                 self._file(layer, relation, kind, data, request, qseg, kseg)
@@ -212,6 +214,7 @@ class CaptureSession:
             return seg.grid if factors is None else pooled_grid(seg.grid, factors)
 
         meta = {"query_segment": [qseg.start, qseg.stop], "key_segment": [kseg.start, kseg.stop]}
+        meta.update({f"{axis}_tag": seg.tag for axis, seg in (("query", qseg), ("key", kseg)) if seg.tag})
         if request.keys is not None:
             meta["keys"] = [k - kseg.start for k in request.keys]
         heads = self.config.heads if isinstance(self.config.heads, str) else tuple(self.config.heads)
@@ -224,6 +227,7 @@ class CaptureSession:
             self.store.add(Record(branch="cond", data=data[half:], **common))
         else:
             self.store.add(Record(branch=self.state.branch_of_call(), data=data, **common))
+        self.ledger.filed(layer)
 
     def estimate_bytes(self, layouts: Sequence[tuple[CallLayout, Sequence[str]]], batch: int, heads: int) -> int:
         """Bytes one denoiser call would file for these layer layouts (products only)."""

@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from ...session import CaptureSession
-from .families import FAMILIES, Family, family_for
+from .dispatch import dispatcher_routed
+from .families import Family, family_for, supported_denoisers
 from .processor import make_capture_processor
 
 DENOISER_COMPONENTS = ("unet", "transformer", "transformer_2")
@@ -55,38 +56,50 @@ class DiffusersCapture:
         self._checked = False
         self._first_step = 0
         self._prompt_hooked = False
+        self._routing = None
 
     def install(self) -> None:
         config = self.session.config
         seen: list[str] = []
+        refused: list[str] = []
         try:
-            for component, model in _denoisers(self.target):
-                family = family_for(model)
+            denoisers = [(c, m, family_for(m)) for c, m in _denoisers(self.target)]
+            for component, model, family in denoisers:
                 if family is None:
-                    supported = sorted(d for f in FAMILIES for d in f.denoisers)
                     raise ValueError(f"attncap has no adapter for {type(model).__name__} ({component}); "
-                                     f"supported denoisers: {supported}. attncap.capture(module) on the model "
-                                     "itself captures any SDPA call generically")
+                                     f"supported denoisers: {supported_denoisers()}. attncap.capture(module) on "
+                                     "the model itself captures any SDPA call generically")
+            check_relations(config.relations, [f for _, _, f in denoisers])
+            for component, model, family in denoisers:
                 states: dict = {}
                 for name, attn in _attention_modules(model):
                     layer = f"{component}.{name}"
                     seen.append(layer)
-                    if config.wants_layer(layer) and family.handles(attn.processor):
+                    if not config.wants_layer(layer):
+                        continue
+                    why = family.unsupported(layer)
+                    if why is None:
                         self._wrap(layer, family, attn, states)
+                    elif config.layers != "all":
+                        refused.append(f"{layer}: {why}")
                 self._hooks.append(model.register_forward_pre_hook(self._pre_hook(family, states), with_kwargs=True))
+            if refused and not self._swapped:
+                raise ValueError("layers= selects only attention that attncap cannot capture: " + "; ".join(refused))
             if self.pipeline is not None:
                 self._hook_prompts()
             if not self._swapped:
                 sample = ", ".join(seen[:6]) + (", ..." if len(seen) > 6 else "")
-                raise ValueError(f"layers={config.layers!r} selects no attention layer this adapter captures; "
+                raise ValueError(f"layers={config.layers!r} selects no attention layer of this model; "
                                  f"layer names look like: {sample}")
+            self._routing = dispatcher_routed()
+            self._routing.__enter__()
         except Exception:
             self.restore()
             raise
 
     def _wrap(self, layer: str, family: Family, attn: torch.nn.Module, states: dict) -> None:
         def layout_fn(call: int, nq: int, nk: int):
-            return family.layout(attn, layer, states["state"], call, nq, nk)
+            return family.layout(layer, states["state"], call, nq, nk)
 
         self._swapped.append((attn, attn.processor))
         self._layers.append((layer, family, attn))
@@ -97,7 +110,8 @@ class DiffusersCapture:
         def hook(model, args, kwargs):
             states["state"] = family.observe(model, args, kwargs)
             st = self.session.state
-            st.advance(family.timestep(args, kwargs))
+            st.advance(family.timestep.read(args, kwargs))
+            self.session.ledger.saw_step(st.step)
             scheduler = getattr(self.pipeline, "scheduler", None)
             timesteps = getattr(scheduler, "timesteps", None)
             st.total_steps = len(timesteps) if timesteps is not None else None
@@ -133,8 +147,10 @@ class DiffusersCapture:
             if fam is not family or id(attn) not in in_model:
                 continue
             heads = max(heads, getattr(attn, "heads", 1))
-            for call, (nq, nk) in enumerate(family.token_counts(attn, layer, state)):
-                layouts.append((family.layout(attn, layer, state, call, nq, nk), family.default_relations))
+            for call, (nq, nk) in enumerate(family.token_counts(layer, state)):
+                layout = family.layout(layer, state, call, nq, nk)
+                if not isinstance(layout, str):
+                    layouts.append((layout, family.default_relations))
         per_call = self.session.estimate_bytes(layouts, batch, heads)
         total_steps = self.session.state.total_steps
         if config.steps == "all":
@@ -171,6 +187,9 @@ class DiffusersCapture:
         self._prompt_hooked = True
 
     def restore(self) -> None:
+        if self._routing is not None:
+            self._routing.__exit__(None, None, None)
+            self._routing = None
         if self._prompt_hooked:
             vars(self.pipeline).pop("encode_prompt", None)
             self._prompt_hooked = False
@@ -181,6 +200,18 @@ class DiffusersCapture:
         self._hooks.clear()
         self._swapped.clear()
         self._layers.clear()
+
+
+def check_relations(relations, families: list[Family]) -> None:
+    """Relation names the families of this target cannot offer fail before anything runs."""
+    chosen = (relations,) if isinstance(relations, str) else tuple(relations)
+    offered = {r for f in families for r in f.relations()}
+    segments = sorted({s for f in families for s in f.segments})
+    bad = [r for r in chosen if r not in ("auto", "all") and r not in offered]
+    if bad:
+        names = ", ".join(sorted({f.name for f in families}))
+        raise ValueError(f"relations {bad} are not offered by {names}: its segments are {segments} and its "
+                         f"relations {sorted(offered)} (or 'auto' for the text cross-attention, 'all')")
 
 
 def _size(n: int) -> str:

@@ -2,19 +2,79 @@
 
 diffusers drops every keyword a processor's __call__ does not declare, so the stand-in's __call__
 carries the exact signature of the processor it replaces (a small subclass per processor class).
-On a captured call it runs the original processor with SDPA intercepted: the original still does
-its projections, norms, rotary embeddings and concatenations, and attncap computes the attention
-once, output and maps together. On any other call it is the original processor, untouched.
+On a captured call it runs the original processor with its attention routed to attncap: the
+original still does its projections, norms, rotary embeddings and concatenations, and attncap
+computes the attention once, output and maps together, whether the processor calls torch SDPA,
+diffusers' dispatch_attention_fn with any backend, or the classic get_attention_scores. On any
+other call it is the original processor, untouched.
 """
 from __future__ import annotations
 
 import inspect
 from typing import Any, Callable
 
-from ...intercept import intercept_sdpa
-from ...session import CallLayout, CaptureSession
+import torch
 
-LayoutFn = Callable[[int, int, int], "CallLayout | None"]  # (call index, Nq, Nk) -> layout
+from ...intercept import handling, intercept_sdpa
+from ...session import CallLayout, CaptureSession
+from .dispatch import classic_scores, classic_to_heads
+
+# (call index, Nq, Nk) -> layout, or a string saying why this call has none
+LayoutFn = Callable[[int, int, int], "CallLayout | str"]
+
+
+class CallHandler:
+    """The attention calls of one captured processor call, in the order they happen."""
+
+    def __init__(self, proc: "CaptureProcessor"):
+        self.proc = proc
+        self.index = 0
+
+    def _capture(self, query, key, value, attn_mask, dropout_p, is_causal, scale, layout: str):
+        session, layer = self.proc.session, self.proc.layer
+        index = self.index
+        self.index += 1
+        if dropout_p:
+            session.note(layer, "attention dropout is on (attncap computes attention without dropout)")
+            return None
+        nq, nk = (query.shape[1], key.shape[1]) if layout == "bshd" else (query.shape[-2], key.shape[-2])
+        call_layout = self.proc.layout_fn(index, nq, nk)
+        if isinstance(call_layout, str):
+            session.note(layer, call_layout)
+            return None
+        return session.capture_call(layer, call_layout, self.proc.default_relations, query, key, value,
+                                    attn_mask=attn_mask, is_causal=is_causal, scale=scale, layout_name=layout)
+
+    def __call__(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                 enable_gqa=False):
+        """torch SDPA's call: [B, H, N, D]."""
+        if query.dim() != 4:
+            self.proc.session.note(self.proc.layer, f"an SDPA call with {query.dim()}-d q (attncap takes [B, H, N, D])")
+            self.index += 1
+            return None
+        return self._capture(query, key, value, attn_mask, dropout_p, is_causal, scale, "bhsd")
+
+    def from_dispatch(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                      enable_gqa=False, _parallel_config=None, **backend_kwargs):
+        """A diffusers backend's call: [B, N, H, D]; a [B, Nk] mask is key padding."""
+        if _parallel_config is not None:
+            self.proc.session.note(self.proc.layer, "a context-parallel attention call (not captured by this path)")
+            self.index += 1
+            return None
+        if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):
+            self.proc.session.note(self.proc.layer, f"a {type(attn_mask).__name__} mask (attncap takes tensor masks)")
+            self.index += 1
+            return None
+        if isinstance(attn_mask, torch.Tensor) and attn_mask.dim() == 2 and \
+                tuple(attn_mask.shape) == (query.shape[0], key.shape[1]):
+            attn_mask = attn_mask[:, None, None, :]
+        return self._capture(query, key, value, attn_mask, dropout_p, is_causal, scale, "bshd")
+
+    def from_classic(self, attn, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """get_attention_scores' q, k [BH, N, D]: products only (the processor keeps its own probabilities)."""
+        q, k, mask = classic_to_heads(attn, query, key, mask)
+        # A one-column value: the output is discarded, the products come from the same softmax.
+        self._capture(q, k, k[..., :1], mask, 0.0, False, attn.scale, "bhsd")
 
 
 class CaptureProcessor:
@@ -30,22 +90,19 @@ class CaptureProcessor:
         # Attributes diffusers reads or sets on processors (_attention_backend, ...) stay the original's.
         return getattr(self.__dict__["original"], name)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # enable_parallelism / set_attention_backend set attributes on the processor they find: the original's.
+        if name in ("original", "layer", "session", "layout_fn", "default_relations"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.__dict__["original"], name, value)
+
     def _run(self, attn, *args, **kwargs):
         if not self.session.state.active:
             return self.original(attn, *args, **kwargs)
-        call_index = iter(range(1_000_000))
-
-        def handler(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-            index = next(call_index)
-            if dropout_p:
-                return None
-            layout = self.layout_fn(index, query.shape[-2], key.shape[-2])
-            if layout is None:
-                return None
-            return self.session.capture_call(self.layer, layout, self.default_relations, query, key, value,
-                                             attn_mask=attn_mask, is_causal=is_causal, scale=scale)
-
-        with intercept_sdpa(handler):
+        handler = CallHandler(self)
+        self.session.entered(self.layer)
+        with handling(handler), intercept_sdpa(), classic_scores(attn, handler):
             return self.original(attn, *args, **kwargs)
 
 
