@@ -6,8 +6,10 @@ Shape legend of Record.data (float32; see attncap.request for the products):
     B batch (one CFG half when .branch is set), G heads kept, Qb/Kb query/key bins flattened row-major
     over .query_grid/.key_grid ((t,) h, w after pooling), Ks keys of meta["keys"], Qs rows of meta["queries"].
 
-On disk a store is a directory: index.json (format version, every record's fields, shard + tensor
-key, tokens) and safetensors shards. Nothing is ever pickled or unpickled.
+Records carry the pipeline call they came from (.call, from 0; steps count from 0 within a call) and
+each call's prompt tokens are kept (Store.tokens_of), so words label the maps of their own prompt.
+On disk a store is a directory of safetensors shards and a JSON index (attncap.store_disk); nothing is
+ever pickled or unpickled.
 """
 from __future__ import annotations
 
@@ -15,25 +17,18 @@ import fnmatch
 import json
 import math
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .prompts import spell
-
-FORMAT = "attncap.store"
-VERSION = 1
-NDIM = {"map": 4, "tokens": 4, "rows": 4, "colsum": 3, "entropy": 3, "peak": 3}
+from .store_disk import INDEX, LOG, NDIM, IndexLog, holds_store, index_text, load, write_atomic, write_shard
 # kind -> (axis of the spatial grid, the grid attribute it follows); size= resizes this axis.
 SPATIAL_AXIS = {"map": (2, "query_grid"), "tokens": (2, "query_grid"), "entropy": (2, "query_grid"),
                 "peak": (2, "query_grid"), "colsum": (2, "key_grid"), "rows": (3, "key_grid")}
-FIELDS = ("layer", "step", "timestep", "relation", "kind", "branch", "query_grid", "key_grid", "heads", "meta")
 SHARD_BYTES = 1 << 30
 
 
@@ -55,6 +50,7 @@ class Record:
     key_grid: tuple[int, ...] | None = None
     heads: str | tuple[int, ...] = "mean"
     meta: dict = field(default_factory=dict)
+    call: int = 0  # which pipeline call (model call, generate call) of the capture block
 
     @property
     def nbytes(self) -> int:
@@ -66,20 +62,8 @@ def _fields(r: Record) -> dict:
             "relation": r.relation, "kind": r.kind, "branch": r.branch,
             "query_grid": None if r.query_grid is None else [int(x) for x in r.query_grid],
             "key_grid": None if r.key_grid is None else [int(x) for x in r.key_grid],
-            "heads": r.heads if isinstance(r.heads, str) else [int(h) for h in r.heads], "meta": r.meta}
-
-
-def _record(f: dict, data: torch.Tensor) -> Record:
-    tup = lambda v: None if v is None else tuple(v)  # noqa: E731
-    return Record(f["layer"], f["step"], f["timestep"], f["relation"], f["kind"], f["branch"], data,
-                  tup(f["query_grid"]), tup(f["key_grid"]), f["heads"] if isinstance(f["heads"], str)
-                  else tuple(f["heads"]), f.get("meta") or {})
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+            "heads": r.heads if isinstance(r.heads, str) else [int(h) for h in r.heads], "meta": r.meta,
+            "call": int(r.call)}
 
 
 def _resize(data: torch.Tensor, axis: int, grid, size: tuple[int, int]) -> tuple[torch.Tensor, tuple | None]:
@@ -99,28 +83,36 @@ def _resize(data: torch.Tensor, axis: int, grid, size: tuple[int, int]) -> tuple
 class Store:
     """Captured records, optionally offloaded to CPU, budgeted by max_bytes and spilled to disk.
 
-    offload:   "cpu" (or any device) moves each record's data there on add; None keeps its device.
+    offload:   "cpu" (or a CUDA device) moves each record's data there on add; None keeps its device.
     max_bytes: adding past this raises BudgetExceeded; records already stored stay.
-    spill_dir: each record is written at once as records/NNNNNN.safetensors, then index.json is
-               rewritten atomically, so a killed run still loads with attncap.load(spill_dir).
-    tokens:    {"text": [token strings] or [[...] per batch element]} for word lookups in token_map.
+    spill_dir: each record is written at once as records/NNNNNN.safetensors and one line is appended to
+               index.jsonl, so a killed run still loads with attncap.load(spill_dir); close() (the
+               capture block's exit) folds the log into index.json.
+    tokens:    {"text": [token strings] or [[...] per batch element]} for word lookups in token_map:
+               the tokens of every call that has none of its own in call_tokens {call: tokens}.
     """
 
     def __init__(self, offload: str | None = "cpu", max_bytes: int | None = None,
                  spill_dir: str | os.PathLike | None = None, tokens: dict | None = None) -> None:
-        self.offload = offload
+        from .options import check_offload, check_spill_dir
+
+        self.offload = check_offload(offload)
         self.max_bytes = max_bytes
         self.records: list[Record] = []
         self._nbytes = 0
         self._entries: list[str] = []  # JSON index entries of spilled records
-        self.spill_dir = None if spill_dir is None else Path(spill_dir)
+        self.spill_dir = None if check_spill_dir(spill_dir) is None else Path(spill_dir)
+        self._log = None
         if self.spill_dir is not None:
-            if any((self.spill_dir / "records").glob("*.safetensors")) or (self.spill_dir / "index.json").exists():
+            if holds_store(self.spill_dir):
                 raise FileExistsError(f"spill_dir {self.spill_dir} already holds a store; load it with attncap.load "
                                       "or choose an empty directory")
             (self.spill_dir / "records").mkdir(parents=True, exist_ok=True)
+            self._log = IndexLog(self.spill_dir)
         self._tokens = None
-        self.tokens = tokens
+        self.call_tokens: dict[int, dict] = {}
+        if tokens is not None:
+            self.tokens = tokens
 
     @property
     def tokens(self) -> dict | None:
@@ -128,11 +120,29 @@ class Store:
 
     @tokens.setter
     def tokens(self, value: dict | None) -> None:
+        self._set_tokens(None, value)
+
+    def set_call_tokens(self, call: int, value: dict | None) -> None:
+        """The prompt tokens of pipeline call ``call`` (the first call's also become store.tokens when unset)."""
+        self._set_tokens(call, value)
+        if self._tokens is None and value is not None:
+            self._set_tokens(None, value)
+
+    def tokens_of(self, call: int) -> dict | None:
+        """The tokens that label the maps of pipeline call ``call``."""
+        return self.call_tokens.get(call, self._tokens)
+
+    def _set_tokens(self, call: int | None, value: dict | None) -> None:
         if value is not None and not isinstance(value, dict):
             raise TypeError(f"tokens must be a dict like {{'text': [...]}} or None; got {type(value).__name__}")
-        self._tokens = value
-        if self.spill_dir is not None:
-            self._write_index(self.spill_dir, spilled=True)
+        if call is None:
+            self._tokens = value
+        elif value is None:
+            self.call_tokens.pop(call, None)
+        else:
+            self.call_tokens[call] = value
+        if self._log is not None:
+            self._log.append({"tokens": value, "call": call})
 
     @property
     def nbytes(self) -> int:
@@ -164,7 +174,7 @@ class Store:
         if data.untyped_storage().nbytes() > data.nbytes:
             data = data.clone()  # a view (e.g. one CFG half) would keep its whole base alive
         record.data = data
-        if self.spill_dir is not None:
+        if self._log is not None:
             self._spill(record)
         self.records.append(record)
         self._nbytes += record.nbytes
@@ -176,29 +186,30 @@ class Store:
             meta = {k: json.dumps(v) for k, v in fields.items()}
         except TypeError as e:
             raise TypeError(f"Record.meta must be JSON-able to spill: {e}") from None
-        path = self.spill_dir / name
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"data": record.data.cpu()}, str(tmp), metadata={"format": FORMAT, **meta})
-        os.replace(tmp, path)
-        self._entries.append(json.dumps({**fields, "shard": name, "key": "data"}))
-        self._write_index(self.spill_dir, spilled=True)
+        write_shard(self.spill_dir / name, {"data": record.data.cpu()}, meta)
+        entry = {**fields, "shard": name, "key": "data"}
+        self._entries.append(json.dumps(entry))
+        self._log.append({"record": entry})
 
-    def _write_index(self, directory: Path, spilled: bool, entries: Sequence[str] | None = None) -> None:
-        head = json.dumps({"format": FORMAT, "version": VERSION, "spill": spilled, "tokens": self._tokens})
-        body = ",\n".join(self._entries if entries is None else entries)
-        _write_atomic(directory / "index.json", head[:-1] + ', "records": [\n' + body + "\n]}\n")
+    def close(self) -> None:
+        """Fold a spilling store's log into index.json (atomically) and drop the log; adding more reopens it.
+        attncap.capture calls this on exit. Without spill_dir there is nothing to do."""
+        if self._log is None:
+            return
+        write_atomic(self.spill_dir / INDEX, index_text(True, self._tokens, self.call_tokens, self._entries))
+        self._log.close(remove=True)
 
     def get(self, layer: str | Sequence[str] | None = None, step: int | Sequence[int] | str | None = None,
             relation: str | Sequence[str] | None = None, kind: str | None = "map",
-            branch: str | None = None) -> list[Record]:
+            branch: str | None = None, call: int | None = None) -> list[Record]:
         """Records matching every filter. layer: name, glob or list; step: int, list or "last" (the
-        largest step among records matching the other filters); None matches anything."""
+        largest step among records matching the other filters); call: the pipeline call; None matches anything."""
         layers = [layer] if isinstance(layer, str) else layer
         relations = [relation] if isinstance(relation, str) else relation
         out = [r for r in self.records
                if (layers is None or any(r.layer == p or fnmatch.fnmatchcase(r.layer, p) for p in layers))
                and (relations is None or r.relation in relations) and (kind is None or r.kind == kind)
-               and (branch is None or r.branch == branch)]
+               and (branch is None or r.branch == branch) and (call is None or r.call == call)]
         if step is None or not out:
             return out
         if isinstance(step, str):
@@ -213,19 +224,20 @@ class Store:
         have = lambda attr: sorted({str(getattr(r, attr)) for r in self.records})  # noqa: E731
         return ValueError(f"no records match {what}. The store has layers {have('layer')}, steps "
                           f"{sorted({r.step for r in self.records})}, relations {have('relation')}, kinds "
-                          f"{have('kind')}, branches {have('branch')}")
+                          f"{have('kind')}, branches {have('branch')}, calls {sorted({r.call for r in self.records})}")
 
     def aggregate(self, kind: str = "map", layer=None, step=None, relation=None, branch: str | None = None,
-                  size: tuple[int, int] | None = None, reduce: str = "mean") -> torch.Tensor:
+                  size: tuple[int, int] | None = None, reduce: str = "mean", call: int | None = None) -> torch.Tensor:
         """Mean ("sum", "max") of the selected records' data. size=(h, w) first resizes each record's
         spatial axis (the query grid; the key grid for colsum/rows) so layers of different resolution mix."""
         if reduce not in ("mean", "sum", "max"):
             raise ValueError(f"reduce must be 'mean', 'sum' or 'max'; got {reduce!r}")
         if size is not None and len(size) != 2:
             raise ValueError(f"size must be (h, w); got {size!r}")
-        recs = self.get(layer=layer, step=step, relation=relation, kind=kind, branch=branch)
+        recs = self.get(layer=layer, step=step, relation=relation, kind=kind, branch=branch, call=call)
         if not recs:
-            raise self._none_found(f"kind={kind!r} layer={layer!r} step={step!r} relation={relation!r} branch={branch!r}")
+            raise self._none_found(f"kind={kind!r} layer={layer!r} step={step!r} relation={relation!r} "
+                                   f"branch={branch!r} call={call!r}")
         datas = []
         for r in recs:
             axis, attr = SPATIAL_AXIS[r.kind]
@@ -241,8 +253,8 @@ class Store:
         x = torch.stack([d.to(datas[0].device) for d in datas])
         return x.mean(0) if reduce == "mean" else x.sum(0) if reduce == "sum" else x.amax(0)
 
-    def _word_keys(self, word: str, batch: int) -> list[int]:
-        toks = (self._tokens or {}).get("text")
+    def _word_keys(self, word: str, batch: int, call: int = 0) -> list[int]:
+        toks = (self.tokens_of(call) or {}).get("text")
         if not toks:
             raise ValueError("the store has no tokens to look words up in; pass a key index or set "
                              "store.tokens = {'text': [token strings]}")
@@ -254,22 +266,27 @@ class Store:
         return sorted(set(found))
 
     def token_map(self, word_or_index: str | int, relation: str | None = None, layer=None, step=None,
-                  branch: str | None = None, size: tuple[int, int] | None = None, batch: int = 0) -> torch.Tensor:
+                  branch: str | None = None, size: tuple[int, int] | None = None, batch: int = 0,
+                  call: int | None = None) -> torch.Tensor:
         """float32 [*query_grid] map of a text token (a word, or a key index of the key segment) for batch
         element ``batch``, averaged over kept heads, the word's tokens and the matching records.
         Uses "tokens" records holding the keys, else "map" records. relation None: relations from a
-        query grid to text; branch None: "cond" where such records exist (the prompt, not the negative prompt), else any."""
-        keys = [int(word_or_index)] if isinstance(word_or_index, int) else self._word_keys(word_or_index, batch)
+        query grid to text; branch None: "cond" where such records exist (the prompt, not the negative prompt), else any;
+        call None: every pipeline call, each word looked up in its own call's prompt tokens."""
         # default: spatial queries (image/video) attending to text, so the map can be laid on the picture
         rel_ok = ((lambda r: r.relation.endswith("->text") and r.query_grid is not None) if relation is None
                   else (lambda r: r.relation == relation))
-        recs = [r for r in self.get(layer=layer, step=step, kind=None, branch=branch) if rel_ok(r)]
+        recs = [r for r in self.get(layer=layer, step=step, kind=None, branch=branch, call=call) if rel_ok(r)]
         if branch is None and any(r.branch == "cond" for r in recs):
             recs = [r for r in recs if r.branch == "cond"]
-        chosen = [(r, [r.meta["keys"].index(k) for k in keys]) for r in recs
-                  if r.kind == "tokens" and all(k in r.meta.get("keys", ()) for k in keys)]
+        # a word's key indices come from the prompt of each record's own pipeline call
+        keys_of = {c: [int(word_or_index)] if isinstance(word_or_index, int) else self._word_keys(word_or_index, batch, c)
+                   for c in sorted({r.call for r in recs} or {0 if call is None else call})}
+        keys = keys_of[min(keys_of)]
+        chosen = [(r, [r.meta["keys"].index(k) for k in keys_of[r.call]]) for r in recs
+                  if r.kind == "tokens" and all(k in r.meta.get("keys", ()) for k in keys_of[r.call])]
         if not chosen:
-            chosen = [(r, keys) for r in recs if r.kind == "map" and max(keys) < r.data.shape[3]]
+            chosen = [(r, keys_of[r.call]) for r in recs if r.kind == "map" and max(keys_of[r.call]) < r.data.shape[3]]
         if not chosen:
             held = sorted({f"{r.relation} {r.kind} keys={r.meta.get('keys', r.data.shape[3])}" for r in recs})
             raise ValueError(f"no tokens/map record holds key(s) {keys} for {word_or_index!r}; matching records: "
@@ -289,23 +306,33 @@ class Store:
             raise ValueError(f"token maps have different grids {sorted(shapes)}; pass size=(h, w)")
         return torch.stack([m.to(maps[0].device) for m in maps]).mean(0)
 
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write safetensors shards + index.json to ``directory`` (created); returns its path."""
+    def save(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write safetensors shards + index.json to ``directory`` (created); returns its path.
+
+        A directory that already holds a store is refused unless overwrite=True, which replaces its
+        files. Saving a spilling store into its own spill_dir closes it (the records are there already)."""
         d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
         if self.spill_dir is not None and d.resolve() == self.spill_dir.resolve():
-            self._write_index(d, spilled=True)
+            self.close()
             return d
-        entries, shard, n, k = [], {}, 0, 0
+        if holds_store(d) and not overwrite:
+            raise FileExistsError(f"{d} already holds an attncap store; pass overwrite=True to replace it, or "
+                                  "choose another folder")
+        d.mkdir(parents=True, exist_ok=True)
+        old = set(d.glob("maps-*.safetensors")) | set((d / "records").glob("*.safetensors"))
+        entries, shard, written, n, k = [], {}, set(), 0, 0
         for i, r in enumerate(self.records):
             key = f"{i:06d}"
             shard[key] = r.data.cpu()
             n += r.nbytes
             entries.append(json.dumps({**_fields(r), "shard": f"maps-{k:05d}.safetensors", "key": key}))
             if n >= SHARD_BYTES or i == len(self.records) - 1:
-                save_file(shard, str(d / f"maps-{k:05d}.safetensors"), metadata={"format": FORMAT})
+                written.add(d / f"maps-{k:05d}.safetensors")
+                write_shard(d / f"maps-{k:05d}.safetensors", shard, {})
                 shard, n, k = {}, 0, k + 1
-        self._write_index(d, spilled=False, entries=entries)
+        write_atomic(d / INDEX, index_text(False, self._tokens, self.call_tokens, entries))
+        for path in sorted(old - written) + [d / LOG]:
+            path.unlink(missing_ok=True)
         return d
 
     def summary(self) -> str:
@@ -322,44 +349,3 @@ class Store:
             lines.append(f"{layer}  {rel}  {kind}  steps {st}  branch {branches}  shape "
                          f"{' '.join(str(list(s)) for s in shapes)}  grid {rs[0].query_grid}")
         return "\n".join(lines)
-
-
-def load(directory: str | os.PathLike) -> Store:
-    """Read a saved or spilled store (index.json + safetensors shards, plus shards an interrupted
-    spill wrote after its last index). Data comes back on CPU; nothing is unpickled."""
-    d = Path(directory)
-    index, idx_path = None, d / "index.json"
-    if idx_path.exists():
-        try:
-            index = json.loads(idx_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            warnings.warn(f"{idx_path} is unreadable (interrupted write?); recovering records from shards")
-    if index is not None and (index.get("format") != FORMAT or index.get("version", 0) > VERSION):
-        raise ValueError(f"{idx_path} is not an {FORMAT} index of version <= {VERSION}")
-    entries = list(index["records"]) if index else []
-    listed = {e["shard"] for e in entries}
-    strays = sorted(p for p in (d / "records").glob("*.safetensors") if f"records/{p.name}" not in listed) \
-        if index is None or index.get("spill") else []
-    if index is None and not strays:
-        raise FileNotFoundError(f"no attncap store in {d}: neither index.json nor records/*.safetensors")
-    store = Store(offload="cpu", tokens=index.get("tokens") if index else None)
-    handles: dict[str, object] = {}
-
-    def append(fields: dict, data: torch.Tensor) -> None:
-        store.records.append(_record(fields, data))
-        store._nbytes += store.records[-1].nbytes
-
-    for e in entries:
-        if not (d / e["shard"]).exists():
-            raise FileNotFoundError(f"{d / e['shard']} listed in {idx_path} is missing")
-        if e["shard"] not in handles:
-            handles[e["shard"]] = safe_open(str(d / e["shard"]), framework="pt", device="cpu")
-        append(e, handles[e["shard"]].get_tensor(e["key"]))
-    for p in strays:
-        try:
-            with safe_open(str(p), framework="pt", device="cpu") as f:
-                meta, data = f.metadata() or {}, f.get_tensor("data")
-            append({k: json.loads(meta[k]) for k in FIELDS}, data)
-        except Exception as e:  # a shard is written to a temp name first, so this is outside damage
-            warnings.warn(f"skipping unreadable shard {p}: {e}")
-    return store
