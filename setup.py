@@ -15,7 +15,8 @@ setup(
     package_dir={"attncap": "attncap", "attncap.kernels": "kernels"},
     # the embedded demo model: a diffusers pipeline folder of JSON configs and safetensors weights
     package_data={"attncap.assets": ["shapes_model/*.json", "shapes_model/*/*.json",
-                                     "shapes_model/*/*.safetensors"]},
+                                     "shapes_model/*/*.safetensors"],
+                  "attncap.viz": ["explorer_page/*.html", "explorer_page/*.js", "explorer_page/*.css"]},
     install_requires=["torch>=2.4", "triton>=3.2", "numpy", "safetensors", "tqdm"],
     extras_require={
         "diffusers": ["diffusers>=0.32", "transformers", "accelerate"],

@@ -3,6 +3,7 @@
     attncap run MODEL --prompt "a cat on a sofa" [--steps 30 --layers '*attn2*' --pool 2 ...]
     attncap render DIR      re-draws a saved run (or any saved store) into DIR (or --out)
     attncap demo            the embedded demo (no download)
+    attncap explore RUN     an interactive offline HTML page of a run's maps (RUN/explorer.html)
 
 Each verb is a module of this package with ``add_parser(subparsers)`` (adds its sub-parser, named
 after the verb) and ``run(args)`` (does the work, raising CLIError for problems the user can fix).
@@ -14,10 +15,10 @@ import argparse
 import os
 import sys
 
-from . import demo, render, run
+from . import demo, explore, render, run
 from .common import CLIError
 
-VERBS = (demo, run, render)
+VERBS = (demo, run, render, explore)
 
 __all__ = ["CLIError", "VERBS", "build_parser", "main"]
 
