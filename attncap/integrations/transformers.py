@@ -37,6 +37,7 @@ The permuted path materialises a bool mask [B, 1, Nq, Nk] for causal prefill of 
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 import warnings
@@ -46,13 +47,14 @@ import torch
 
 from ..session import CallLayout, CaptureSession, Segment
 from .generic import GenericCapture, all_relations, check_layout, check_steps, layout_for
+from .hf_attention import check_model, original_forward, sinks_of, with_sink
 from .vlm_layouts import MEDIA, MergeTower, PatchTower, TokenSequence
+from .vlm_media import media_items
 
 ATTN = "attncap"
 LM_DEFAULT_MEDIA = ("text->image", "text->video")
 LM_DEFAULT_TEXT = ("text->text",)
 TOWER_DEFAULT = ("image->image", "video->video")
-UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks", "position_bias")
 
 _ACTIVE: list["TransformersCapture"] = []
 
@@ -72,27 +74,21 @@ def register() -> None:
     AttentionMaskInterface.register(ATTN, sdpa_mask)
 
 
-def _sdpa(module, query, key, value, attention_mask, scaling, dropout, kwargs):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                  **kwargs)
-
-
 def attncap_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                               attention_mask: torch.Tensor | None, scaling: float | None = None,
                               dropout: float = 0.0, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers attention function: query [B, H, Nq, D], key/value [B, Hk, Nk, D] (H % Hk == 0),
     attention_mask bool (True = attend) or additive, broadcastable to [B, H, Nq, Nk], or None (then
-    kwargs["is_causal"] or module.is_causal decides). Returns (attn_output [B, Nq, H, Dv], None) like
-    sdpa_attention_forward; outside a capture it is sdpa_attention_forward."""
+    kwargs["is_causal"] or module.is_causal decides). Returns (attn_output [B, Nq, H, Dv], weights or None)
+    like sdpa_attention_forward; calls a capture leaves alone run on the model's configured attention,
+    and outside a capture it is sdpa_attention_forward (eager where the call has sinks)."""
     for cap in reversed(_ACTIVE):
         if id(module) in cap.names:
             out = cap.attend(module, query, key, value, attention_mask, scaling, dropout, kwargs)
             if out is not None:
                 return out, None
-            break
-    return _sdpa(module, query, key, value, attention_mask, scaling, dropout, kwargs)
+            return cap.original(module, query, key, value, attention_mask, scaling, dropout, kwargs)
+    return original_forward(module, "sdpa", query, key, value, attention_mask, scaling, dropout, kwargs)
 
 
 # ----------------------------------------------------------------------------------- permutations
@@ -144,6 +140,30 @@ def _configs(model: torch.nn.Module) -> list:
     return list(found.values())
 
 
+def _token_ids(model: torch.nn.Module, configs: list) -> dict[str, int | None]:
+    """The image / video placeholder ids: the top config's, else a sub-config's (Phi-4-multimodal keeps
+    image_token_id in its vision_config)."""
+    found: dict[str, int | None] = {"image": None, "video": None}
+    ordered = [model.config] + [c for c in configs if c is not model.config]
+    for modality in found:
+        for cfg in ordered:
+            for attr in (f"{modality}_token_id", f"{modality}_token_index"):
+                value = getattr(cfg, attr, None)
+                if found[modality] is None and isinstance(value, int) and not isinstance(value, bool):
+                    found[modality] = value
+    return found
+
+
+def _feature_rows(out: Any) -> int | None:
+    """Media-token rows a get_*_features call produced (its pooler_output), or None if unreadable."""
+    pooled = getattr(out, "pooler_output", out[1] if isinstance(out, tuple) and len(out) > 1 else None)
+    if isinstance(pooled, torch.Tensor):
+        return int(pooled.shape[:-1].numel())
+    if isinstance(pooled, (list, tuple)) and all(isinstance(x, torch.Tensor) for x in pooled):
+        return sum(int(x.shape[:-1].numel()) for x in pooled)
+    return None
+
+
 class TransformersCapture:
     """attn_implementation switched to "attncap", step / media / tower hooks; restore() undoes all of it."""
 
@@ -155,22 +175,31 @@ class TransformersCapture:
         self.towers: dict[int, Any] = {}
         self._hooks: list[Any] = []
         self._saved: list[tuple[Any, Any]] = []
+        self._impl: dict[int, str | None] = {}
+        self._wrapped: list[tuple[Any, str, bool]] = []
         self._fallback: GenericCapture | None = None
         self._seq: TokenSequence | None = None
-        self._grids: list[tuple[str, torch.Tensor]] = []
+        self._pending_ids: torch.Tensor | None = None
+        self._media: list[tuple[str, dict, int | None]] = []  # (modality, get_*_features inputs, feature rows)
+        self._depth = 0
+        self._prestepped = False
+        self.modality: str | None = None  # the modality being encoded (the towers read it)
         self._cache: dict[tuple[int, int], Any] = {}
         self._masks: dict[tuple, tuple] = {}  # holds the mask and perms too, so their ids stay theirs
         self._warned: set[str] = set()
-        cfg = model.config
-        self.token_ids = {"image": getattr(cfg, "image_token_id", None), "video": getattr(cfg, "video_token_id", None)}
-        self.vision_config = getattr(cfg, "vision_config", None)
+        self.token_ids: dict[str, int | None] = {}
+        self.vision_config = getattr(model.config, "vision_config", None)
 
     # -------------------------------------------------------------------------- install / restore
     def install(self) -> None:
         check_steps(self.session, "generation")
+        configs = _configs(self.model)
+        check_model(configs)
         register()
+        self.token_ids = _token_ids(self.model, configs)
         try:
-            self._saved = [(c, getattr(c, "_attn_implementation_internal", None)) for c in _configs(self.model)]
+            self._saved = [(c, getattr(c, "_attn_implementation_internal", None)) for c in configs]
+            self._impl = {id(c): getattr(c, "_attn_implementation", None) for c in configs}
             try:
                 self.model.set_attn_implementation(ATTN)
             except (ValueError, ImportError, KeyError, AttributeError):
@@ -183,7 +212,9 @@ class TransformersCapture:
                 return
             self.names = {id(m): name for name, m in self.model.named_modules()}
             self._find_towers()
+            self._wrap_media()
             self._hooks.append(self.model.register_forward_pre_hook(self._on_step, with_kwargs=True))
+            self._hooks.append(self.model.register_forward_hook(self._after_step, always_call=True))
             _ACTIVE.append(self)
         except Exception:
             self.restore()
@@ -196,11 +227,20 @@ class TransformersCapture:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        for owner, name, had in self._wrapped:
+            if had:
+                continue
+            try:
+                delattr(owner, name)
+            except AttributeError:
+                pass
+        self._wrapped.clear()
         self._restore_configs()
         for i in range(len(_ACTIVE) - 1, -1, -1):
             if _ACTIVE[i] is self:
                 del _ACTIVE[i]
-        self._seq = None
+        self._seq = self._pending_ids = None
+        self._media.clear()
         self._cache.clear()
         self._masks.clear()
 
@@ -233,65 +273,123 @@ class TransformersCapture:
                     self._hooks.append(sub.register_forward_pre_hook(
                         lambda mod, args, kwargs, t=tower: t.on_attention_module(mod, args, kwargs), with_kwargs=True))
 
+    def _wrap_media(self) -> None:
+        """Watch get_image_features / get_video_features of the base model: generate() calls them before
+        the first forward (the pixel inputs never reach the forward), a plain forward from inside it."""
+        base = getattr(self.model, "base_model", self.model)
+        for modality in MEDIA:
+            name = f"get_{modality}_features"
+            fn = getattr(base, name, None)
+            if not callable(fn):
+                continue
+            try:
+                signature = inspect.signature(fn)
+            except (TypeError, ValueError):
+                continue
+            self._wrapped.append((base, name, name in vars(base)))
+            setattr(base, name, self._media_wrapper(fn, signature, modality))
+
+    def _media_wrapper(self, fn, signature: inspect.Signature, modality: str):
+        @functools.wraps(fn)  # generate() reads the signature to pick the method's inputs
+        def encode(*args, **kwargs):
+            try:
+                bound = signature.bind_partial(*args, **kwargs).arguments
+            except TypeError:
+                bound = dict(kwargs)
+            inputs = {k: v for k, v in bound.items() if k != "kwargs"}
+            inputs.update(bound.get("kwargs") or {})
+            if self._depth == 0 and not self._prestepped:
+                # generate() encodes the media before the prefill: the towers belong to the prefill's step.
+                self._begin_step()
+                self._prestepped = True
+                self._media = []
+            self.modality = modality
+            try:
+                out = fn(*args, **kwargs)
+            finally:
+                self.modality = None
+            self._media.append((modality, inputs, _feature_rows(out)))
+            return out
+        return encode
+
     # -------------------------------------------------------------------------- steps
-    def _on_step(self, model, args, kwargs) -> None:
+    def _begin_step(self) -> None:
         st = self.session.state
         st.advance(None)
         st.active = self.session.config.wants_step(st.step, None)
         self._cache.clear()
         self._masks.clear()
+
+    def _after_step(self, model, args, output) -> None:
+        self._depth -= 1
+
+    def _on_step(self, model, args, kwargs) -> None:
+        self._depth += 1
+        if self._prestepped:  # the media were encoded for this step already (generate's prefill)
+            self._prestepped = False
+        else:
+            self._begin_step()
+            if kwargs.get("mm_encoder_outputs") is None:
+                self._media = []
         ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
-        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
         seen = None
         if cache is not None:
             try:
                 seen = int(cache.get_seq_length())
             except Exception:
                 seen = None
+        self._pending_ids = None
         fresh = cache is None or seen == 0 or self._seq is None
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
             self._seq = None
-        elif fresh:
-            self._grids = [(name, kwargs[key]) for name, key in (("image", "image_grid_thw"),
-                                                                 ("video", "video_grid_thw"))
-                           if isinstance(kwargs.get(key), torch.Tensor)]
-            self._seq = TokenSequence.start(ids, self.token_ids, self._media_specs(kwargs))
+        elif fresh:  # placed at the first language-model call, once this forward has encoded its media
+            self._seq, self._pending_ids = None, ids
         elif self._seq.segid.shape[0] == ids.shape[0] and seen == self._seq.length:
             self._seq.extend(ids.shape[1])
         else:
             self._seq = None
         return None
 
-    def _media_specs(self, kwargs) -> dict[str, list[tuple[int, tuple[int, ...] | None]]]:
-        """(token count, grid) of every image / video of the batch, in order, from the forward's inputs."""
-        specs: dict[str, list] = {"image": [], "video": []}
-        vc = self.vision_config
-        merge = getattr(vc, "spatial_merge_size", None)
-        for name, key in (("image", "image_grid_thw"), ("video", "video_grid_thw")):
-            g = kwargs.get(key)
-            if isinstance(g, torch.Tensor) and merge:
-                for t, h, w in g.tolist():
-                    grid = (h // merge, w // merge) if (t == 1 and name == "image") else (t, h // merge, w // merge)
-                    specs[name].append((t * (h // merge) * (w // merge), grid))
-        pv = kwargs.get("pixel_values")
-        patch = getattr(vc, "patch_size", None)
-        if not specs["image"] and isinstance(pv, torch.Tensor) and pv.dim() == 4 and isinstance(patch, int):
-            gh, gw = pv.shape[-2] // patch, pv.shape[-1] // patch
-            strategy = kwargs.get("vision_feature_select_strategy") or \
-                getattr(self.model.config, "vision_feature_select_strategy", "default")
-            spec = (gh * gw, (gh, gw)) if strategy == "default" else (gh * gw + 1, None)
-            specs["image"] = [spec] * pv.shape[0]
-        return specs
-
-    def modality_of(self, grid_thw: torch.Tensor) -> str:
-        for i, (name, g) in enumerate(self._grids):
-            if g.shape == grid_thw.shape and bool((g.to(grid_thw.device) == grid_thw).all()):
-                del self._grids[i]
-                return name
-        return "image"
+    def _sequence(self) -> TokenSequence | None:
+        ids = self._pending_ids
+        if ids is None:
+            return self._seq
+        self._pending_ids = None
+        items: dict[str, list] = {}
+        notes = []
+        base = getattr(self.model, "base_model", self.model)
+        kind = getattr(self.model.config, "model_type", "?")
+        for modality in MEDIA:
+            token = self.token_ids.get(modality)
+            if token is None or not bool((ids == token).any()):
+                continue
+            calls = [(inputs, rows) for m, inputs, rows in self._media if m == modality]
+            found = []
+            for inputs, rows in calls:
+                got = media_items(base, base.config, inputs, modality)
+                if got is None:
+                    found = None
+                    notes.append(f"attncap knows no {modality} token layout for model_type {kind!r}")
+                    break
+                claimed = sum(item.media_count for item in got)
+                if rows is not None and claimed != rows:
+                    found = None
+                    notes.append(f"its {modality} layout rule gives {claimed} tokens, the model made {rows}")
+                    break
+                found.extend(got)
+            if not calls:
+                notes.append(f"no {modality} inputs were seen (get_{modality}_features was not called)")
+            items[modality] = found or None
+        self._seq, problems = TokenSequence.start(ids, self.token_ids, items)
+        for why in notes + problems:
+            self._warn(f"layout:{why}", f"attncap: {kind}: {why}; those media tokens are captured as segments "
+                                        "without a grid")
+        return self._seq
 
     # -------------------------------------------------------------------------- one attention call
     def attend(self, module, query, key, value, mask, scaling, dropout, kwargs) -> torch.Tensor | None:
+        """The call through attncap, or None to leave it to the model's own attention."""
         st = self.session.state
         layer = self.names[id(module)]
         tower = self.towers.get(id(module))
@@ -299,14 +397,20 @@ class TransformersCapture:
         if tower is not None:
             # Keep the per-call counter of the tower in step even when this call is not captured.
             tower_layout = tower.layout(module, query, key) if self.layout is None else None
-        if not st.active or dropout or not self.session.config.wants_layer(layer):
+        if not st.active or not self.session.config.wants_layer(layer):
             return None
-        if any(kwargs.get(k) is not None for k in UNSUPPORTED_KWARGS):
+        if kwargs.get("softcap") is not None:
+            raise ValueError(f"{layer}: attention logit softcapping (softcap={kwargs['softcap']}) has no exact "
+                             "form in attncap; capture would change the model's outputs")
+        unsupported = ("dropout" if dropout else "a position bias" if kwargs.get("position_bias") is not None
+                       else "a flex BlockMask" if mask is not None and not isinstance(mask, torch.Tensor) else None)
+        if unsupported is not None:
+            self._warn(f"skip:{unsupported}", f"attncap: {layer} (and any layer like it) is not captured: its "
+                                             f"attention uses {unsupported}, which attncap does not reproduce")
             return None
-        if mask is not None and not isinstance(mask, torch.Tensor):
-            return None  # e.g. a flex BlockMask
         if query.dim() != 4 or key.dim() != 4 or query.shape[1] % key.shape[1]:
             return None
+        scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
         is_causal = kwargs.get("is_causal")
         if is_causal is None:
             is_causal = getattr(module, "is_causal", True)
@@ -341,19 +445,29 @@ class TransformersCapture:
                 self._masks[key_] = (mask, qperm, kperm,
                                      _permuted_mask(mask, is_causal, nq, nk, qperm, kperm, query.device))
             attn_mask = self._masks[key_][3]
-        if qperm is not None or kperm is not None:
             is_causal = False  # now in the mask
+        sinks = sinks_of(kwargs)
+        if sinks is not None:  # one more key, the sink: exact (attncap.integrations.hf_attention)
+            q, k, v, attn_mask = with_sink(q, k, v, attn_mask, is_causal, sinks, scale)
+            is_causal = False
+            layout = CallLayout(layout.queries, layout.keys + (Segment("sink", nk, nk + 1),))
         out = self.session.capture_call(layer, layout, defaults, q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                        scale=scaling)
+                                        scale=scale)
         if out is None:
             return None
         out = _take(out, _inverse(qperm), 2)
         return out.transpose(1, 2).contiguous()
 
+    def original(self, module, query, key, value, mask, scaling, dropout, kwargs):
+        """The attention the model was configured with (attncap.integrations.hf_attention.original_forward)."""
+        cfg = getattr(module, "config", None)
+        impl = self._impl.get(id(cfg), self._impl.get(id(self.model.config)))
+        return original_forward(module, impl, query, key, value, mask, scaling, dropout, kwargs)
+
     def _lm_layout(self, nq: int, nk: int):
         if (nq, nk) in self._cache:
             return self._cache[(nq, nk)]
-        seq = self._seq
+        seq = self._sequence()
         text_only = seq is not None and not bool(seq.segid.any())
         if seq is None or text_only or seq.length != nk or nq > nk:
             name = "text" if text_only or all(v is None for v in self.token_ids.values()) else "tokens"

@@ -1,19 +1,22 @@
 """Token layouts of transformers vision-language models: where the text, image and video tokens of
 a call are, and on which patch grid (used by attncap.integrations.transformers).
 
-TokenSequence   the language model's sequence: one segment per media item found from the media token
-                ids in input_ids, text everywhere else, grown by one token per generated step.
+TokenSequence   the language model's sequence: the media items of attncap.integrations.vlm_media placed
+                at the media token ids of input_ids (one segment per named piece: grid, thumbnail,
+                newline, break), text everywhere else, grown by one token per generated step.
 MergeTower      Qwen2-VL / Qwen2.5-VL vision towers: one attention call per frame, rows in the
                 spatial-merge block order, reordered to row-major on the (h, w) patch grid.
 PatchTower      CLIP / SigLIP towers (LLaVA-style): [cls] + the (H/patch, W/patch) grid.
 """
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
 
 from ..session import CallLayout, Segment
+from .vlm_media import MediaItem
 
 if TYPE_CHECKING:  # the towers call back into the capture that owns them
     from .transformers import TransformersCapture
@@ -24,36 +27,42 @@ MEDIA = ("image", "video")
 class TokenSequence:
     """Which segment every position of the language model's running sequence belongs to.
 
-    segid [B, L]: 0 text, j >= 1 media segment j (media[j - 1] = (name, token count, grid)), in the
-    order the media appear; shared by the batch when every element has the same media structure.
+    segid [B, L]: 0 text, j >= 1 segment segments[j - 1] = (name, token count, grid, tag), numbered in
+    the order the segments start; shared by the batch when every element has the same media structure.
     """
 
-    def __init__(self, segid: torch.Tensor, media: list[tuple[str, int | None, tuple | None]]):
+    def __init__(self, segid: torch.Tensor, segments: list[tuple[str, int | None, tuple | None, str | None]]):
         self.segid = segid
-        self.media = media
+        self.segments = segments
 
     @property
     def length(self) -> int:
         return self.segid.shape[1]
 
     @staticmethod
-    def start(input_ids: torch.Tensor, token_ids: dict[str, int | None], specs: dict[str, list]) -> "TokenSequence":
+    def start(input_ids: torch.Tensor, token_ids: dict[str, int | None],
+              items: dict[str, list[MediaItem] | None]) -> tuple["TokenSequence", list[str]]:
+        """The sequence of ``input_ids`` [B, L] with each modality's items placed in order (items are
+        for the whole batch, element after element). Returns it and what could not be placed."""
         ids = input_ids.detach().cpu()
         kinds = torch.zeros_like(ids)
         for code, name in enumerate(MEDIA, 1):
             if token_ids.get(name) is not None:
                 kinds[ids == token_ids[name]] = code
-        queues = {name: list(specs.get(name, ())) for name in MEDIA}
-        rows, structures = [], []
+        queues = {name: list(items.get(name) or ()) for name in MEDIA}
+        rows, structures, problems = [], [], []
         for b in range(ids.shape[0]):
-            row, media = assign_media(kinds[b], queues)
+            row, segs = _place(kinds[b], queues, problems)
             rows.append(row)
-            structures.append(media)
+            structures.append(segs)
+        left = {name: len(q) for name, q in queues.items() if q}
+        if left:
+            problems.append(f"{left} media items found no tokens of theirs in input_ids")
         if all(s == structures[0] for s in structures):
-            return TokenSequence(torch.stack(rows), structures[0])
+            return TokenSequence(torch.stack(rows), structures[0]), problems
         # Different media per element: one segment per modality, no grid (a call is captured only if
         # the counts agree).
-        return TokenSequence(kinds.clone(), [(name, None, None) for name in MEDIA])
+        return TokenSequence(kinds.clone(), [(name, None, None, None) for name in MEDIA]), problems
 
     def extend(self, n: int) -> None:
         self.segid = torch.cat([self.segid, self.segid.new_zeros(self.segid.shape[0], n)], 1)
@@ -61,7 +70,7 @@ class TokenSequence:
     def axis(self, start: int, stop: int) -> tuple[tuple[Segment, ...], torch.Tensor | None] | None:
         """Segments of positions start:stop and the per-element order that makes them contiguous."""
         sid = self.segid[:, start:stop]
-        nseg = len(self.media) + 1
+        nseg = len(self.segments) + 1
         counts = torch.stack([torch.bincount(r, minlength=nseg) for r in sid])
         if not bool((counts == counts[0]).all()):
             return None
@@ -71,16 +80,17 @@ class TokenSequence:
         for j, c in enumerate(counts[0].tolist()):
             if c == 0:
                 continue
-            name, full, grid = ("text", None, None) if j == 0 else self.media[j - 1]
-            segs.append(Segment(name, pos, pos + c, grid if full == c else None))
+            name, full, grid, tag = ("text", None, None, None) if j == 0 else self.segments[j - 1]
+            segs.append(Segment(name, pos, pos + c, grid if full == c else None, tag))
             pos += c
         return tuple(segs), None if identity else order
 
 
-def assign_media(kinds: torch.Tensor, queues: dict[str, list]) -> tuple[torch.Tensor, list]:
-    """Segment ids of one batch element: each media run split into images by the queued token counts."""
+def _place(kinds: torch.Tensor, queues: dict[str, list[MediaItem]], problems: list[str]) -> tuple[torch.Tensor, list]:
+    """Segment ids of one batch element: the queued items placed at the media tokens, in order; a
+    media run no item fits becomes one grid-less segment (and a problem)."""
     segid = torch.zeros_like(kinds)
-    media: list[tuple[str, int | None, tuple | None]] = []
+    segs: list[list] = []  # [name, count, grid, tag]
     pos, n = 0, kinds.numel()
     while pos < n:
         code = int(kinds[pos])
@@ -88,19 +98,55 @@ def assign_media(kinds: torch.Tensor, queues: dict[str, list]) -> tuple[torch.Te
             pos += 1
             continue
         name = MEDIA[code - 1]
+        queue = queues[name]
+        if queue:
+            end = _place_item(queue[0], kinds, code, pos, segid, segs)
+            if end is not None:
+                queue.pop(0)
+                pos = end
+                continue
+            problems.append(f"a {name} at position {pos} does not have the token layout its inputs describe")
+            queue.clear()
         run_end = pos
         while run_end < n and int(kinds[run_end]) == code:
             run_end += 1
-        while pos < run_end:
-            queue = queues[name]
-            if queue and queue[0][0] <= run_end - pos:
-                count, grid = queue.pop(0)
-            else:  # no (fitting) spec: the rest of the run is one segment without a grid
-                count, grid = run_end - pos, None
-            media.append((name, count, grid))
-            segid[pos:pos + count] = len(media)
-            pos += count
-    return segid, media
+        segs.append([name, run_end - pos, None, None])
+        segid[pos:run_end] = len(segs)
+        pos = run_end
+    out = []
+    for name, count, grid, tag in segs:
+        out.append((name, count, grid if grid is not None and math.prod(grid) == count else None, tag))
+    return segid, out
+
+
+def _place_item(item: MediaItem, kinds: torch.Tensor, code: int, pos: int, segid: torch.Tensor,
+                segs: list[list]) -> int | None:
+    """Place ``item`` from position ``pos``; the end position, or None (nothing written) if it does not fit."""
+    media = torch.tensor([p.media for p in item.pieces])
+    spans, p = [], pos
+    for i, chunk in enumerate(item.chunks):
+        if i:  # text may separate chunks: go on at the next media token
+            nxt = (kinds[p:] == code).nonzero()
+            if nxt.numel() == 0:
+                return None
+            p += int(nxt[0])
+        if p + chunk.numel() > kinds.numel() or not torch.equal(kinds[p:p + chunk.numel()] == code, media[chunk]):
+            return None
+        spans.append((p, chunk))
+        p += chunk.numel()
+    first = len(segs) + 1
+    used = sorted(set(torch.cat(item.chunks).tolist()), key=lambda j: min(
+        int(s + (c == j).nonzero()[0]) for s, c in spans if bool((c == j).any())))
+    number = {j: first + k for k, j in enumerate(used)}  # segments numbered by where they start
+    for j in used:
+        piece = item.pieces[j]
+        segs.append([piece.name, 0, piece.grid, piece.tag])
+    for s, chunk in spans:
+        ids = torch.tensor([number[j] for j in chunk.tolist()])
+        segid[s:s + chunk.numel()] = ids
+        for j in chunk.unique().tolist():
+            segs[number[j] - 1][1] += int((chunk == j).sum())
+    return p
 
 
 # ----------------------------------------------------------------------------------- vision towers
@@ -120,7 +166,7 @@ class MergeTower:
         grid_thw = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
         if not isinstance(grid_thw, torch.Tensor):
             return
-        modality = owner.modality_of(grid_thw)
+        modality = owner.modality or "image"
         grids = [tuple(int(x) for x in row) for row in grid_thw.tolist()]
         m, unit = self.m, self.m * self.m
         total_units = sum(t * h * w for t, h, w in grids) // unit
@@ -191,18 +237,29 @@ class MergeTower:
 
 
 class PatchTower:
-    """CLIP / SigLIP-style tower: [cls?] + row-major patches of pixel_values [B, C, H, W]."""
+    """A ViT tower on pixel_values [N, C, H, W] (5-D [B, N, ...] tiles are flattened, blank tiles dropped,
+    as Idefics3 does): each call holds one image's (H/p, W/p) patches, row-major, with a class token
+    first (CLIP), last (Llama 4) or none (SigLIP). Pixtral packs every image of the call into one
+    sequence (image_sizes [N, 2]): one segment per image, in order."""
 
     def __init__(self, root: torch.nn.Module):
         self.root = root
-        self.hw: tuple[int, int] | None = None
+        self.grids: list[tuple[int, int]] | None = None
+        self.packed = getattr(getattr(root, "config", None), "model_type", None) == "pixtral"
+        self.cls_last = getattr(getattr(root, "config", None), "model_type", None) == "llama4_vision_model"
 
     def begin(self, owner: "TransformersCapture", args, kwargs) -> None:
         pv = kwargs.get("pixel_values", args[0] if args else None)
         patch = getattr(getattr(self.root, "config", None), "patch_size", None)
-        self.hw = None
-        if isinstance(pv, torch.Tensor) and pv.dim() == 4 and isinstance(patch, int):
-            self.hw = (pv.shape[-2] // patch, pv.shape[-1] // patch)
+        self.grids = None
+        if not isinstance(pv, torch.Tensor) or pv.dim() not in (4, 5) or not isinstance(patch, int):
+            return
+        sizes = kwargs.get("image_sizes", args[1] if len(args) > 1 else None)
+        if self.packed:
+            if isinstance(sizes, torch.Tensor):
+                self.grids = [(int(h) // patch, int(w) // patch) for h, w in sizes.tolist()]
+            return
+        self.grids = [(pv.shape[-2] // patch, pv.shape[-1] // patch)]
 
     def on_attention_module(self, module, args, kwargs) -> None:
         pass
@@ -211,13 +268,21 @@ class PatchTower:
         n = q.shape[2]
         if k.shape[2] != n:
             return None
-        if self.hw is not None and n >= self.hw[0] * self.hw[1]:
-            extra = n - self.hw[0] * self.hw[1]
-            image = Segment("image", extra, n, self.hw)
-            segs = (Segment("cls", 0, extra), image) if extra else (image,)
-        else:
+        grids = self.grids or []
+        if self.packed and sum(h * w for h, w in grids) == n:
+            segs, pos = [], 0
+            for h, w in grids:
+                segs.append(Segment("image", pos, pos + h * w, (h, w)))
+                pos += h * w
+            segs = tuple(segs)
+        elif len(grids) == 1 and n - grids[0][0] * grids[0][1] in (0, 1):
+            hw = grids[0][0] * grids[0][1]
+            if n == hw:
+                segs = (Segment("image", 0, n, grids[0]),)
+            elif self.cls_last:
+                segs = (Segment("image", 0, hw, grids[0]), Segment("cls", hw, n))
+            else:
+                segs = (Segment("cls", 0, 1), Segment("image", 1, n, grids[0]))
+        else:  # a layout this tower does not explain: no grid rather than a wrong one
             segs = (Segment("image", 0, n),)
         return CallLayout(segs, segs), None
-
-
-# ----------------------------------------------------------------------------------- the capture

@@ -1,0 +1,225 @@
+"""Where each image's tokens sit in a VLM's language-model sequence, family by family.
+
+A rule reads the inputs the model's ``get_image_features`` / ``get_video_features`` received (the
+same in a plain forward and in generate(), which encodes the media before the first forward) and
+the model's config, and returns one MediaItem per image (or per tile, for tiled families), in the
+order the model places them. Each item says, token by token, which named piece its tokens belong
+to: the image's patch grid, a thumbnail, newline / break / end tokens. Grids are row-major in the
+order the model's own packing puts the features, after its reductions (merge, pixel shuffle,
+pooling). A family without a rule gets no items: its media tokens become grid-less segments and the
+capture warns (a wrong grid is worse than none).
+
+Shape legend: N images (or tiles), C channels, H, W pixels, p patch size, (h, w) token grid.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A named part of one medium: ``media`` pieces fill media-token positions (features), the others
+    are tokens of their own ids that the model places inside the medium (Pixtral's [IMG_BREAK])."""
+    name: str
+    grid: tuple[int, ...] | None = None
+    tag: str | None = None
+    media: bool = True
+
+
+@dataclass
+class MediaItem:
+    """One image / video (or tile): ``chunks`` are contiguous runs of the sequence, each a tensor of
+    piece indices (one per token); text may sit between chunks (Qwen3-VL's frame timestamps)."""
+    modality: str
+    pieces: tuple[Piece, ...]
+    chunks: tuple[torch.Tensor, ...]
+
+    @property
+    def media_count(self) -> int:
+        """Media-token positions (feature rows) the item fills."""
+        media = torch.tensor([p.media for p in self.pieces])
+        return int(sum(int(media[c].sum()) for c in self.chunks))
+
+
+def grid_item(modality: str, grid: tuple[int, ...], tag: str | None = None, chunks: int = 1) -> MediaItem:
+    """A medium that is just its row-major grid (in ``chunks`` equal runs)."""
+    n = math.prod(grid)
+    per = n // chunks
+    return MediaItem(modality, (Piece(modality, tuple(grid), tag),),
+                     tuple(torch.zeros(per, dtype=torch.long) for _ in range(chunks)))
+
+
+# ----------------------------------------------------------------------------------- the rules
+def _vc(cfg) -> Any:
+    return getattr(cfg, "vision_config", None)
+
+
+def _patch(cfg) -> int | None:
+    p = getattr(_vc(cfg), "patch_size", None)
+    return p if isinstance(p, int) else None
+
+
+def _strategy(cfg, inp) -> str:
+    return inp.get("vision_feature_select_strategy") or getattr(cfg, "vision_feature_select_strategy", None) or "default"
+
+
+def thw_rule(cfg, inp: dict, modality: str) -> list[MediaItem] | None:
+    """Qwen2-VL / 2.5-VL / 3-VL, GLM-4V, Qwen-Omni thinkers, Kimi-K2.5: grid_thw [N, 3] of patches,
+    merged by spatial_merge_size (or merge_kernel_size) blocks. Images (t = 1) get (h, w) grids,
+    videos (t, h, w); a video whose frames the prompt separates (Qwen3-VL timestamps) is t chunks."""
+    g = inp.get("image_grid_thw" if modality == "image" else "video_grid_thw", inp.get("grid_thw"))
+    vc = _vc(cfg)
+    merge = getattr(vc, "spatial_merge_size", None)
+    kernel = getattr(vc, "merge_kernel_size", None)
+    if not isinstance(g, torch.Tensor) or g.dim() != 2 or g.shape[1] != 3:
+        return None
+    mh, mw = (merge, merge) if isinstance(merge, int) else tuple(kernel) if kernel else (None, None)
+    if mh is None:
+        return None
+    items = []
+    pooled_time = kernel is not None and merge is None  # Kimi pools its frames' time axis
+    for t, h, w in g.tolist():
+        hm, wm = h // mh, w // mw
+        if t == 1 or pooled_time:
+            items.append(grid_item(modality, (hm, wm)))
+        else:
+            items.append(grid_item(modality, (t, hm, wm), chunks=t))
+    return items
+
+
+def _reduction(cfg) -> float:
+    """Tokens per patch side after the family's reduction (pixel shuffle / merge)."""
+    for name, invert in (("downsample_factor", True), ("scale_factor", True), ("downsample_ratio", False)):
+        v = getattr(cfg, name, None)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:
+            return 1.0 / v if invert else float(v)
+    r = getattr(_vc(cfg), "pixel_shuffle_ratio", None)  # Llama 4
+    return float(r) if r else 1.0
+
+
+def patch_rule(cfg, inp: dict, modality: str, tiles: bool = False) -> list[MediaItem] | None:
+    """LLaVA, Aya Vision, InternVL, Gemma 3, PaliGemma, Llama 4, Idefics3, SmolVLM: each row of
+    pixel_values [N, C, H, W] (5-D [B, N, ...] keeps only non-blank tiles, as Idefics3 does) is one
+    image or tile on an (H/p, W/p) patch grid, reduced by the family's pixel shuffle / pooling.
+    LLaVA's "full" strategy keeps the class token in front of the grid."""
+    pv = inp.get("pixel_values")
+    p = _patch(cfg)
+    if modality != "image" or not isinstance(pv, torch.Tensor) or p is None or pv.dim() not in (4, 5):
+        return None
+    if pv.dim() == 5:
+        flat = pv.reshape(-1, *pv.shape[2:])
+        pv = flat[(flat != 0).flatten(1).any(1)]
+    gh, gw = pv.shape[-2] // p, pv.shape[-1] // p
+    mm = getattr(cfg, "mm_tokens_per_image", None)
+    if isinstance(mm, int):  # Gemma 3: average pooling to mm_tokens_per_image (a square)
+        side = math.isqrt(mm)
+        grid = (side, side) if side * side == mm else None
+    else:
+        r = _reduction(cfg)
+        grid = (int(gh * r), int(gw * r)) if abs(gh * r - round(gh * r)) < 1e-6 else None
+    if grid is None:
+        return None
+    cls = _strategy(cfg, inp) == "full" and getattr(cfg, "model_type", "") in ("llava", "vipllava") \
+        and getattr(_vc(cfg), "model_type", "") == "clip_vision_model"
+    items = []
+    for i in range(pv.shape[0]):
+        tag = f"tile {i} of {pv.shape[0]}" if tiles else None
+        item = grid_item("image", grid, tag)
+        if cls:
+            item = MediaItem("image", (Piece("cls"), item.pieces[0]),
+                             (torch.cat([torch.zeros(1, dtype=torch.long), torch.ones(math.prod(grid), dtype=torch.long)]),))
+        items.append(item)
+    return items
+
+
+def anyres_rule(model, cfg, inp: dict, modality: str) -> list[MediaItem] | None:
+    """LLaVA-NeXT / LLaVA-OneVision anyres: per image a base tile (g, g), then the high-resolution
+    tiles stitched and unpadded by the model into one (h, w) grid with a newline token after each row.
+    The layout comes from the model's own pack_image_features run on marker features (zeros, newline
+    = 1), so unpadding and OneVision's downscaling are the model's."""
+    sizes = inp.get("image_sizes")
+    pack = getattr(model, "pack_image_features", None)
+    module = sys.modules.get(type(model).__module__)
+    to_tiles = getattr(module, "image_size_to_num_patches", None)
+    vc = _vc(cfg)
+    if modality != "image" or not isinstance(sizes, torch.Tensor) or pack is None or to_tiles is None \
+            or _strategy(cfg, inp) != "default":
+        return None
+    g = vc.image_size // vc.patch_size
+    params = inspect.signature(pack).parameters
+    extra = {}
+    if "vision_feature_select_strategy" in params:
+        extra["vision_feature_select_strategy"] = "default"
+    if "vision_aspect_ratio" in params:  # OneVision downscales large unpadded grids
+        extra["vision_aspect_ratio"] = inp.get("vision_aspect_ratio") or cfg.vision_aspect_ratio
+    items = []
+    for size in sizes:
+        n = to_tiles(image_size=size, grid_pinpoints=cfg.image_grid_pinpoints, patch_size=vc.image_size)
+        (marks,), _ = pack([torch.zeros(n, g * g, 1)], size[None], image_newline=torch.ones(1), **extra)
+        newline = marks[:, 0] == 1
+        if n == 1:  # the base tile and one newline
+            items.append(MediaItem("image", (Piece("image", (g, g)), Piece("image_newline")), (newline.long(),)))
+            continue
+        rows, hires = int(newline.sum()), int((~newline).sum()) - g * g
+        if rows == 0 or hires <= 0 or hires % rows or bool(newline[:g * g].any()):
+            return None
+        piece = torch.where(newline, 2, 1)
+        piece[:g * g] = 0
+        pieces = (Piece("image", (g, g), "base"),
+                  Piece("image", (rows, hires // rows), f"{n - 1} anyres tiles, stitched and unpadded"),
+                  Piece("image_newline"))
+        items.append(MediaItem("image", pieces, (piece,)))
+    return items
+
+
+def pixtral_rule(cfg, inp: dict, modality: str) -> list[MediaItem] | None:
+    """Mistral 3 / Pixtral: image_sizes [N, 2] in pixels, grid (H, W) / (patch * spatial_merge_size);
+    each row of w [IMG] tokens ends with [IMG_BREAK], the last with [IMG_END] (ids of their own)."""
+    sizes = inp.get("image_sizes")
+    p = _patch(cfg)
+    if modality != "image" or not isinstance(sizes, torch.Tensor) or p is None:
+        return None
+    unit = p * int(getattr(cfg, "spatial_merge_size", 1) or 1)
+    items = []
+    for hp, wp in sizes.tolist():
+        h, w = int(hp) // unit, int(wp) // unit
+        row = torch.cat([torch.zeros(w, dtype=torch.long), torch.ones(1, dtype=torch.long)])
+        piece = row.repeat(h)
+        piece[-1] = 2
+        items.append(MediaItem("image", (Piece("image", (h, w)), Piece("image_break", media=False),
+                                         Piece("image_end", media=False)), (piece,)))
+    return items
+
+
+def _is_pixtral(cfg) -> bool:
+    return getattr(_vc(cfg), "model_type", None) == "pixtral"
+
+
+# model_type -> rule(model, cfg, inputs, modality); "auto" families are tried by their inputs
+RULES: dict[str, Callable] = {
+    **{t: (lambda m, c, i, mod: thw_rule(c, i, mod)) for t in (
+        "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "qwen2_5_omni_thinker",
+        "qwen3_omni_moe_thinker", "kimi_k25")},
+    **{t: (lambda m, c, i, mod: patch_rule(c, i, mod)) for t in ("llava", "vipllava", "gemma3", "paligemma")},
+    **{t: (lambda m, c, i, mod: patch_rule(c, i, mod, tiles=True)) for t in (
+        "aya_vision", "internvl", "llama4", "idefics3", "smolvlm")},
+    **{t: anyres_rule for t in ("llava_next", "llava_onevision", "llava_next_video")},
+    "mistral3": lambda m, c, i, mod: pixtral_rule(c, i, mod),
+}
+
+
+def media_items(model: torch.nn.Module, cfg, inputs: dict, modality: str) -> list[MediaItem] | None:
+    """The items of one modality from a ``get_<modality>_features`` call's inputs; None: no rule."""
+    kind = getattr(cfg, "model_type", None)
+    if kind == "llava" and _is_pixtral(cfg):
+        return pixtral_rule(cfg, inputs, modality)
+    rule = RULES.get(kind)
+    if rule is None:
+        return None
+    return rule(model, cfg, inputs, modality)
