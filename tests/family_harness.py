@@ -61,12 +61,12 @@ def _calls_of(layout: Layout, layer: str):
     return next((calls for pattern, calls in layout.items() if fnmatch.fnmatchcase(layer, pattern)), None)
 
 
-def _first(out):
+def first_tensor(out):
     if isinstance(out, torch.Tensor):
         return out
     if isinstance(out, (tuple, list)):
-        return _first(out[0])
-    return _first(out.sample if hasattr(out, "sample") else out[0])
+        return first_tensor(out[0])
+    return first_tensor(out.sample if hasattr(out, "sample") else out[0])
 
 
 def check_family(model: torch.nn.Module, call: Callable[[], object], layout: Layout, *, component: str = "transformer",
@@ -76,7 +76,14 @@ def check_family(model: torch.nn.Module, call: Callable[[], object], layout: Lay
     assert truth, "the plain forward made no SDPA call inside an attention module"
     with attncap.capture(model, relations="all", pool=pool, heads=heads, stats=stats) as store, torch.no_grad():
         out = call()
-    torch.testing.assert_close(_first(out), _first(plain), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(first_tensor(out), first_tensor(plain), atol=1e-5, rtol=1e-5)
+    check_records(store, truth, layout, pool=pool, heads=heads, stats=stats, atol=atol)
+    return store
+
+
+def check_records(store: attncap.Store, truth: dict, layout: Layout, *, pool=None, heads="mean",
+                  stats=("entropy", "colsum"), atol: float = 2e-5) -> None:
+    """The records of a relations="all" capture against the recorded q, k (see check_family)."""
     # what the layout predicts: (layer, relation, kind) for each call whose segments exist
     want = []
     for (layer, index) in truth:
@@ -101,7 +108,6 @@ def check_family(model: torch.nn.Module, call: Callable[[], object], layout: Lay
         assert r.data.shape == want_data.shape, (r.layer, r.relation, r.kind, r.data.shape, want_data.shape)
         torch.testing.assert_close(r.data.double(), want_data, atol=atol, rtol=1e-4,
                                    msg=lambda m: f"{r.layer} {r.relation} {r.kind}: {m}")
-    return store
 
 
 def default_relations(model: torch.nn.Module, call: Callable[[], object]) -> set[tuple[str, tuple | None]]:
