@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .prompts import spell
-from .store_disk import INDEX, LOG, NDIM, IndexLog, holds_store, index_text, load, write_atomic, write_shard
+from .store_disk import INDEX, LOG, NDIM, IndexLog, SpillStream, holds_store, index_text, load, write_atomic, write_shard
 # kind -> (axis of the spatial grid, the grid attribute it follows); size= resizes this axis.
 SPATIAL_AXIS = {"map": (2, "query_grid"), "tokens": (2, "query_grid"), "entropy": (2, "query_grid"),
                 "peak": (2, "query_grid"), "colsum": (2, "key_grid"), "rows": (3, "key_grid")}
@@ -85,9 +85,9 @@ class Store:
 
     offload:   "cpu" (or a CUDA device) moves each record's data there on add; None keeps its device.
     max_bytes: adding past this raises BudgetExceeded; records already stored stay.
-    spill_dir: each record is written at once as records/NNNNNN.safetensors and one line is appended to
-               index.jsonl, so a killed run still loads with attncap.load(spill_dir); close() (the
-               capture block's exit) folds the log into index.json.
+    spill_dir: each record is appended at once (as safetensors bytes) to records/spill-NNNNN.stream and
+               one line to index.jsonl, so a killed run still loads with attncap.load(spill_dir);
+               close() (the capture block's exit) folds the log into index.json.
     tokens:    {"text": [token strings] or [[...] per batch element]} for word lookups in token_map:
                the tokens of every call that has none of its own in call_tokens {call: tokens}.
     """
@@ -102,13 +102,13 @@ class Store:
         self._nbytes = 0
         self._entries: list[str] = []  # JSON index entries of spilled records
         self.spill_dir = None if check_spill_dir(spill_dir) is None else Path(spill_dir)
-        self._log = None
+        self._log = self._stream = None
         if self.spill_dir is not None:
             if holds_store(self.spill_dir):
                 raise FileExistsError(f"spill_dir {self.spill_dir} already holds a store; load it with attncap.load "
                                       "or choose an empty directory")
             (self.spill_dir / "records").mkdir(parents=True, exist_ok=True)
-            self._log = IndexLog(self.spill_dir)
+            self._log, self._stream = IndexLog(self.spill_dir), SpillStream(self.spill_dir)
         self._tokens = None
         self.call_tokens: dict[int, dict] = {}
         if tokens is not None:
@@ -180,22 +180,23 @@ class Store:
         self._nbytes += record.nbytes
 
     def _spill(self, record: Record) -> None:
-        name = f"records/{len(self.records):06d}.safetensors"
         fields = _fields(record)
         try:
-            meta = {k: json.dumps(v) for k, v in fields.items()}
+            fields_json = json.dumps(fields)
         except TypeError as e:
             raise TypeError(f"Record.meta must be JSON-able to spill: {e}") from None
-        write_shard(self.spill_dir / name, {"data": record.data.cpu()}, meta)
-        entry = {**fields, "shard": name, "key": "data"}
-        self._entries.append(json.dumps(entry))
-        self._log.append({"record": entry})
+        where = self._stream.append(record.data, fields_json)
+        entry = fields_json[:-1] + f', "shard": "{where["shard"]}", "offset": {where["offset"]}, ' \
+            f'"length": {where["length"]}, "key": "data"}}'
+        self._entries.append(entry)
+        self._log.append_line('{"record": ' + entry + "}")
 
     def close(self) -> None:
         """Fold a spilling store's log into index.json (atomically) and drop the log; adding more reopens it.
         attncap.capture calls this on exit. Without spill_dir there is nothing to do."""
         if self._log is None:
             return
+        self._stream.close()
         write_atomic(self.spill_dir / INDEX, index_text(True, self._tokens, self.call_tokens, self._entries))
         self._log.close(remove=True)
 
@@ -319,7 +320,8 @@ class Store:
             raise FileExistsError(f"{d} already holds an attncap store; pass overwrite=True to replace it, or "
                                   "choose another folder")
         d.mkdir(parents=True, exist_ok=True)
-        old = set(d.glob("maps-*.safetensors")) | set((d / "records").glob("*.safetensors"))
+        old = set(d.glob("maps-*.safetensors")) | set((d / "records").glob("*.safetensors")) \
+            | set((d / "records").glob("*.stream"))
         entries, shard, written, n, k = [], {}, set(), 0, 0
         for i, r in enumerate(self.records):
             key = f"{i:06d}"

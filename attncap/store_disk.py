@@ -1,18 +1,21 @@
-"""A store on disk: safetensors shards, a JSON index, and the append-only log of a spilling store.
+"""A store on disk: safetensors shards, a JSON index, and the append-only files of a spilling store.
 
 Layout of a store directory:
     index.json          {"format", "version", "spill", "tokens", "call_tokens", "records": [entry, ...]}
-    index.jsonl         a spilling store's log: a header line, then one line per record or tokens
-                        update, appended as they happen (so spilling costs O(1) per record) and folded
-                        into index.json when the store closes
-    records/NNNNNN.safetensors   a spilled record (its fields also in the shard's metadata)
     maps-NNNNN.safetensors       a saved store's shards, many records each
-An entry is a record's fields plus "shard" (a path inside the directory) and "key" (its tensor).
+    records/spill-NNNNN.stream   a spilling store's records: safetensors files (one per record, its
+                        fields in the metadata) written back to back, so spilling a record is one
+                        append to an open file, not a new file (creating a file costs ~1 ms)
+    index.jsonl         a spilling store's log: a header line, then one line per record (with its
+                        offset in the stream) or tokens update; folded into index.json on close
+An entry is a record's fields plus "shard" (a path inside the directory), "key" (its tensor) and,
+inside a stream, "offset" and "length" of its safetensors bytes.
 
 Reading trusts nothing: shard paths must stay inside the directory, malformed entries raise an error
 naming the entry, and a damaged shard (truncated, empty, overwritten) costs only the records whose
-bytes it lost: a warning names the file and every other record loads. Shards are parsed here (an
-8-byte header length, a JSON header, raw little-endian float32 data), never unpickled.
+bytes it lost: a warning names the file and every other record loads. Records a killed run wrote
+after its last log line are recovered from the stream. Shards are parsed here (an 8-byte header
+length, a JSON header, raw little-endian float32 data), never unpickled.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ NDIM = {"map": 4, "tokens": 4, "rows": 4, "colsum": 3, "entropy": 3, "peak": 3}
 FIELDS = ("layer", "step", "timestep", "relation", "kind", "branch", "query_grid", "key_grid", "heads", "meta")
 INDEX, LOG = "index.json", "index.jsonl"
 MAX_HEADER = 100 * 2**20
+STREAM_BYTES = 1 << 30  # a spill stream rolls over to the next file past this
 
 
 class DamagedShard(Exception):
@@ -53,43 +57,45 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str
 
 def holds_store(d: Path) -> bool:
     return (d / INDEX).exists() or (d / LOG).exists() or any(d.glob("maps-*.safetensors")) \
-        or any((d / "records").glob("*.safetensors"))
+        or any((d / "records").glob("*.safetensors")) or any((d / "records").glob("*.stream"))
 
 
 # ----------------------------------------------------------------------------------------- shards
-class Shard:
-    """Lazy reader of one safetensors file; every failure is a DamagedShard naming the file."""
+class Blob:
+    """The safetensors bytes at [start, end) of an open file (a whole shard, or one record of a stream).
+    Every failure is a DamagedShard naming the file."""
 
-    def __init__(self, path: Path):
-        self.path = path
-        self._file = None
-        self._header: dict | None = None
-        self._base = 0
-
-    def _open(self) -> None:
-        if self._header is not None:
-            return
+    def __init__(self, file, path: Path, start: int = 0, end: int | None = None):
+        self.path, self.start = path, start
+        size = os.fstat(file.fileno()).st_size
+        self.end = size if end is None else end
+        where = f"{path}" + (f" at byte {start}" if start else "")
+        if self.end > size:
+            raise DamagedShard(f"{where}: needs {self.end} bytes but the file has {size} (truncated?)")
         try:
-            self._file = open(self.path, "rb")
-            size = os.fstat(self._file.fileno()).st_size
-            n = int.from_bytes(self._file.read(8), "little")
-            if size < 8 or not 2 <= n <= min(MAX_HEADER, size - 8):
-                raise DamagedShard(f"{self.path}: {size} bytes cannot hold a safetensors header of {n} bytes")
-            header = json.loads(self._file.read(n))
+            file.seek(start)
+            n = int.from_bytes(file.read(8), "little")
+            if self.end - start < 8 or not 2 <= n <= min(MAX_HEADER, self.end - start - 8):
+                raise DamagedShard(f"{where}: {self.end - start} bytes cannot hold a safetensors header of {n} bytes")
+            header = json.loads(file.read(n))
         except (OSError, ValueError) as e:  # ValueError: JSON and UTF-8 errors
-            raise DamagedShard(f"{self.path}: {e}") from None
+            raise DamagedShard(f"{where}: {e}") from None
         if not isinstance(header, dict):
-            raise DamagedShard(f"{self.path}: the header is not a JSON object")
-        self._header, self._base, self._size = header, 8 + n, size
+            raise DamagedShard(f"{where}: the header is not a JSON object")
+        self.file, self.header, self.base = file, header, start + 8 + n
 
     def metadata(self) -> dict:
-        self._open()
-        meta = self._header.get("__metadata__") or {}
+        meta = self.header.get("__metadata__") or {}
         return meta if isinstance(meta, dict) else {}
 
+    def data_end(self) -> int:
+        """Where this blob's tensor data ends (the next blob of a stream starts there)."""
+        ends = [v["data_offsets"][1] for k, v in self.header.items() if k != "__metadata__" and isinstance(v, dict)
+                and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2]
+        return self.base + max(ends + [0])
+
     def get(self, key: str) -> torch.Tensor:
-        self._open()
-        info = self._header.get(key)
+        info = self.header.get(key)
         if not isinstance(info, dict):
             raise DamagedShard(f"{self.path} has no tensor {key!r}")
         shape, offsets = info.get("shape"), info.get("data_offsets")
@@ -97,13 +103,86 @@ class Shard:
             and isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
         if not ok or not 0 <= offsets[0] <= offsets[1] or offsets[1] - offsets[0] != 4 * math.prod(shape):
             raise DamagedShard(f"{self.path}: tensor {key!r} has a malformed header entry {info}")
-        if self._base + offsets[1] > self._size:
-            raise DamagedShard(f"{self.path}: tensor {key!r} needs bytes up to {self._base + offsets[1]} but the "
-                               f"file has {self._size} (truncated?)")
-        self._file.seek(self._base + offsets[0])
-        raw = bytearray(self._file.read(offsets[1] - offsets[0]))
+        if self.base + offsets[1] > self.end:
+            raise DamagedShard(f"{self.path}: tensor {key!r} needs bytes up to {self.base + offsets[1]} but the "
+                               f"file has {self.end} (truncated?)")
+        self.file.seek(self.base + offsets[0])
+        raw = bytearray(self.file.read(offsets[1] - offsets[0]))
         data = torch.frombuffer(raw, dtype=torch.float32) if raw else torch.empty(0)
         return data.reshape(shape)
+
+
+class Files:
+    """Open files and parsed blobs of one load, closed together."""
+
+    def __init__(self):
+        self.files: dict[Path, Any] = {}
+        self.blobs: dict[tuple[Path, int], Blob] = {}
+
+    def blob(self, path: Path, start: int = 0, end: int | None = None) -> Blob:
+        if (path, start) not in self.blobs:
+            if path not in self.files:
+                try:
+                    self.files[path] = open(path, "rb")
+                except OSError as e:
+                    raise DamagedShard(f"{path}: {e.strerror or e}") from None
+            self.blobs[(path, start)] = Blob(self.files[path], path, start, end)
+        return self.blobs[(path, start)]
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+
+
+def stream_blobs(files: Files, path: Path) -> Iterable[tuple[int, int]]:
+    """(offset, length) of each record of a spill stream, in order, up to the first damaged one, whose
+    offset the DamagedShard carries (.offset)."""
+    size, pos = path.stat().st_size, 0
+    while pos < size:
+        try:
+            end = files.blob(path, pos, None).data_end()
+            if end > size:
+                raise DamagedShard(f"{path}: the record at byte {pos} is cut off at {size} (killed while writing?)")
+        except DamagedShard as err:
+            err.offset = pos
+            raise
+        yield pos, end - pos
+        pos = end
+
+
+def encode(data: torch.Tensor, metadata: dict[str, str]) -> bytes:
+    """One float32 tensor "data" as the bytes of a safetensors file (the format's 8-byte little-endian
+    header length, a JSON header padded to 8 bytes, the raw data), without safetensors' per-call overhead."""
+    raw = data.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    header = json.dumps({"__metadata__": metadata,
+                         "data": {"dtype": "F32", "shape": list(data.shape), "data_offsets": [0, len(raw)]}},
+                        separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + raw
+
+
+class SpillStream:
+    """Appends each record as a safetensors file to records/spill-NNNNN.stream; rolls over at STREAM_BYTES."""
+
+    def __init__(self, directory: Path):
+        self.dir = directory / "records"
+        self.index, self._file, self._size = 0, None, 0
+
+    def append(self, data: torch.Tensor, fields_json: str) -> dict:
+        """Write one record (its fields as JSON in the metadata); returns {"shard", "offset", "length"}."""
+        blob = encode(data, {"format": FORMAT, "record": fields_json})
+        if self._file is not None and self._size + len(blob) > STREAM_BYTES:
+            self.close()
+            self.index += 1
+        if self._file is None:
+            path = self.dir / f"spill-{self.index:05d}.stream"
+            self._file = open(path, "ab")
+            self._size = self._file.tell()
+        offset = self._size
+        self._file.write(blob)
+        self._file.flush()
+        self._size += len(blob)
+        return {"shard": f"records/spill-{self.index:05d}.stream", "offset": offset, "length": len(blob)}
 
     def close(self) -> None:
         if self._file is not None:
@@ -146,8 +225,11 @@ def check_fields(e: Any, where: str) -> dict:
 def shard_path(d: Path, e: dict, where: str) -> Path:
     """The shard an entry names, which must be a relative path inside the store directory ``d``."""
     shard = e.get("shard")
-    if not isinstance(shard, str) or not isinstance(e.get("key"), str) or not shard.endswith(".safetensors"):
-        raise _bad(where, e, "'shard' must name a .safetensors file and 'key' a tensor")
+    if not isinstance(shard, str) or not isinstance(e.get("key"), str) or not shard.endswith((".safetensors", ".stream")):
+        raise _bad(where, e, "'shard' must name a .safetensors or .stream file and 'key' a tensor")
+    span = [e.get("offset", 0), e.get("length", 0)]
+    if not all(_is_int(x) and x >= 0 for x in span) or shard.endswith(".stream") != ("offset" in e and "length" in e):
+        raise _bad(where, e, "a .stream shard needs int 'offset' and 'length' (and only it)")
     path = d / shard
     if os.path.isabs(shard) or "\\" in shard or ".." in Path(shard).parts \
             or not path.resolve().is_relative_to(d.resolve()):
@@ -173,12 +255,15 @@ class IndexLog:
         self._file = None
 
     def append(self, obj: dict) -> None:
+        self.append_line(json.dumps(obj))
+
+    def append_line(self, line: str) -> None:
         if self._file is None:
             fresh = not self.path.exists()
             self._file = open(self.path, "a", encoding="utf-8")
             if fresh:
                 self._file.write(json.dumps({"format": FORMAT, "version": VERSION, "spill": True}) + "\n")
-        self._file.write(json.dumps(obj) + "\n")
+        self._file.write(line + "\n")
         self._file.flush()  # in the OS's hands now: a killed process loses nothing it wrote
 
     def close(self, remove: bool) -> None:
@@ -249,48 +334,65 @@ def load(directory: str | os.PathLike):
             else:
                 call_tokens[str(call)] = t
         spilled = True
-    if index is None and not entries and not any((d / "records").glob("*.safetensors")):
-        raise FileNotFoundError(f"no attncap store in {d}: neither {INDEX}, {LOG} nor records/*.safetensors")
+    if index is None and not entries and not holds_store(d):
+        raise FileNotFoundError(f"no attncap store in {d}: neither {INDEX}, {LOG} nor spilled records")
     store = Store(offload="cpu", tokens=tokens)
     try:
         store.call_tokens = {int(c): t for c, t in call_tokens.items()}
     except (TypeError, ValueError):
         raise ValueError(f"{idx_path}: call_tokens must map call indices to tokens; got {list(call_tokens)}") from None
-    shards: dict[Path, Shard] = {}
+    files = Files()
     damaged: dict[Path, list[str]] = {}
-    seen: set[tuple[str, str]] = set()
+    seen: set[tuple[str, str, int]] = set()
     try:
         for e, where in entries:
             path = shard_path(d, check_fields(e, where), where)
-            if (e["shard"], e["key"]) in seen:  # the log and a compacted index may both list a record
+            ident = (e["shard"], e["key"], e.get("offset", 0))
+            if ident in seen:  # the log and a compacted index may both list a record
                 continue
-            seen.add((e["shard"], e["key"]))
-            shard = shards.setdefault(path, Shard(path))
+            seen.add(ident)
+            start = e.get("offset", 0)
             try:
-                data = shard.get(e["key"])
+                data = files.blob(path, start, start + e["length"] if "length" in e else None).get(e["key"])
             except DamagedShard as err:
                 damaged.setdefault(path, []).append(str(err))
                 continue
             _append(store, record_of(e, data), where)
-        strays = sorted(p for p in (d / "records").glob("*.safetensors")
-                        if (f"records/{p.name}", "data") not in seen) if spilled else []
-        for p in strays:
-            shard = shards.setdefault(p, Shard(p))
-            try:
-                meta = shard.metadata()
-                fields = check_fields({k: json.loads(meta[k]) for k in FIELDS + ("call",) if k in meta},
-                                      f"shard {p} metadata")
-                data = shard.get("data")
-            except (DamagedShard, ValueError, TypeError) as err:  # written under a temp name: outside damage
-                damaged.setdefault(p, []).append(str(err))
-                continue
-            _append(store, record_of(fields, data), f"shard {p}")
+        if spilled:
+            _recover_strays(store, d, files, seen, damaged)
     finally:
-        for shard in shards.values():
-            shard.close()
+        files.close()
     for path, errors in damaged.items():
         warnings.warn(f"attncap.load: skipped {len(errors)} record(s) of damaged shard {path}: {errors[0]}")
     return store
+
+
+def _recover_strays(store, d: Path, files: Files, seen: set, damaged: dict) -> None:
+    """Records a killed spill wrote after its last log line: from their own metadata, in write order."""
+    found: list[tuple[Path, str, int, int | None]] = []
+    for p in sorted((d / "records").glob("*.stream")):
+        try:
+            for off, n in stream_blobs(files, p):
+                found.append((p, f"records/{p.name}", off, off + n))
+        except DamagedShard as err:  # records past it are lost unless the index lists them
+            if (f"records/{p.name}", "data", err.offset) not in seen:
+                damaged.setdefault(p, []).append(str(err))
+    found += [(p, f"records/{p.name}", 0, None) for p in sorted((d / "records").glob("*.safetensors"))]
+    for path, name, start, end in found:
+        if (name, "data", start) in seen:
+            continue
+        try:
+            blob = files.blob(path, start, end)
+            meta = blob.metadata()
+            # spill streams keep the fields as one JSON string; single-record shards of older spills, one per field
+            fields = json.loads(meta["record"]) if "record" in meta else \
+                {k: json.loads(meta[k]) for k in FIELDS + ("call",) if k in meta}
+            fields = check_fields(fields, f"{path} metadata" + (f" at byte {start}" if start else ""))
+            data = blob.get("data")
+        except (DamagedShard, ValueError, TypeError) as err:
+            damaged.setdefault(path, []).append(str(err))
+            continue
+        _append(store, record_of(fields, data), str(path))
 
 
 def _append(store, record, where: str) -> None:
