@@ -9,7 +9,7 @@ from .common import CLIError, positive
 
 # how ExplorerTooLarge's advice spells each option here
 FLAGS = {"pool": "--pool {}", "every": "--every {}", "branch": "--branch {}", "self_attention": "--no-self",
-         "layers": "--layers GLOB", "max_mb": "--max-mb {}"}
+         "layers": "fewer layers (--layers GLOB)", "max_mb": "--max-mb {}"}
 
 
 def add_parser(sub) -> None:

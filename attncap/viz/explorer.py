@@ -65,12 +65,16 @@ class ExplorerTooLarge(ValueError):
         def spell(option: str, value: Any) -> str:
             if flags and option in flags:
                 return flags[option].format(value)
-            return f"{option}={value!r}"
+            return f"{option}={value!r}" if value is not None else f"fewer {option} ({option}=[...])"
 
-        parts = ", ".join(f"{k} {v:.1f} MB" for k, v in self.parts.items() if v >= 0.05)
-        opts = "; ".join(spell(o, v) + (f" (about {mb:.1f} MB)" if mb is not None else "") for o, v, mb in self.options)
-        return (f"the explorer page would be {self.mb:.1f} MB ({parts}), over the limit of {self.limit:g} MB. "
-                f"Make it smaller with {opts}; or raise the limit with {spell('max_mb', round(self.mb + 1))}")
+        parts = ", ".join(f"{k} {_mb(v)}" for k, v in self.parts.items() if v >= 0.005)
+        opts = "; ".join(spell(o, v) + (f" (about {_mb(mb)})" if mb is not None else "") for o, v, mb in self.options)
+        return (f"the explorer page would be {_mb(self.mb)} ({parts}), over the limit of {self.limit:g} MB. "
+                f"Make it smaller with {opts}; or raise the limit with {spell('max_mb', math.ceil(self.mb))}")
+
+
+def _mb(v: float) -> str:
+    return f"{v:.0f} MB" if v >= 10 else f"{v:.1f} MB" if v >= 1 else f"{v:.2f} MB"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,18 +321,19 @@ def _too_large(mb: float, limit: float, blob: Blob, pictures: int, ratio: float,
     text, self_ = parts.get("text maps", 0.0), parts.get("self-attention", 0.0)
     rest = mb - text - self_          # pictures, generation rows, the page itself: the options keep them
     options: list[tuple[str, Any, float | None]] = []
-    for f in (2, 4, 8):               # text maps shrink with the query grid, self maps with both grids
-        after = rest + text / f ** 2 + self_ / f ** 4
-        if after <= limit or f == 8:
-            options.append(("pool", pool * f, after))
-            break
+    if text + self_ > 0:
+        for f in (2, 4, 8):           # text maps shrink with the query grid, self maps with both grids
+            after = rest + text / f ** 2 + self_ / f ** 4
+            if after <= limit or f == 8:
+                options.append(("pool", pool * f, after))
+                break
     if n_steps > 2:
         options.append(("every", 2, rest + (text + self_) / 2))
     if n_branches > 1:
         options.append(("branch", "cond", rest + (text + self_) / n_branches))
     if self_ > 0:
         options.append(("self_attention", False, mb - self_))
-    options.append(("layers", "<glob>", None))
+    options.append(("layers", None, None))
     return ExplorerTooLarge(mb, limit, parts, options)
 
 
