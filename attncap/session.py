@@ -43,6 +43,9 @@ class Segment:
 class CallLayout:
     queries: tuple[Segment, ...]
     keys: tuple[Segment, ...]
+    # (sample, batch): the call holds one sample of the denoiser's batch (Mochi's processor loops over
+    # samples, each with its own valid text). Its records say which sample, and under batched CFG which branch.
+    sample: tuple[int, int] | None = field(default=None, compare=False)
 
     def relations(self) -> list[tuple[Segment, Segment]]:
         return [(a, b) for a in self.queries for b in self.keys]
@@ -201,10 +204,11 @@ class CaptureSession:
                                   request=[w[3] for w in wanted], backend=self.backend, layout=layout_name)
         for (relation, qseg, kseg, request), prods in zip(wanted, products):
             for kind, data in prods.items():
-                self._file(layer, relation, kind, data, request, qseg, kseg)
+                self._file(layer, relation, kind, data, request, qseg, kseg, layout.sample)
         return out
 
-    def _file(self, layer, relation, kind, data, request: MapRequest, qseg: Segment, kseg: Segment) -> None:
+    def _file(self, layer, relation, kind, data, request: MapRequest, qseg: Segment, kseg: Segment,
+              sample: tuple[int, int] | None = None) -> None:
         from .layouts import normalize_pool, pooled_grid
 
         def grid_of(seg: Segment, pool):
@@ -221,7 +225,14 @@ class CaptureSession:
         common = dict(layer=layer, step=self.state.step, timestep=self.state.timestep, relation=relation, kind=kind,
                       query_grid=grid_of(qseg, request.query_pool), key_grid=grid_of(kseg, request.key_pool),
                       heads=heads, meta=meta)
-        if self.state.cfg_batched and data.shape[0] % 2 == 0:
+        if sample is not None:
+            index, batch = sample
+            branch = self.state.branch_of_call()
+            if self.state.cfg_batched and batch % 2 == 0:   # [uncond samples, cond samples]
+                branch, index = ("uncond", index) if index < batch // 2 else ("cond", index - batch // 2)
+            meta["sample"] = index
+            self.store.add(Record(branch=branch, data=data, **common))
+        elif self.state.cfg_batched and data.shape[0] % 2 == 0:
             half = data.shape[0] // 2
             self.store.add(Record(branch="uncond", data=data[:half], **common))
             self.store.add(Record(branch="cond", data=data[half:], **common))

@@ -39,7 +39,8 @@ def _denoisers(target: Any) -> list[tuple[str, torch.nn.Module]]:
 
 def _attention_modules(model: torch.nn.Module):
     for name, module in model.named_modules():
-        if hasattr(module, "processor") and hasattr(module, "set_processor"):
+        # MochiAttention has a processor but no set_processor (processors are swapped by assignment anyway)
+        if hasattr(module, "processor") and (hasattr(module, "set_processor") or callable(module.processor)):
             yield name, module
 
 
