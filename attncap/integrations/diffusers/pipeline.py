@@ -116,7 +116,11 @@ class DiffusersCapture:
             scheduler = getattr(self.pipeline, "scheduler", None)
             timesteps = getattr(scheduler, "timesteps", None)
             st.total_steps = len(timesteps) if timesteps is not None else None
-            do_cfg = bool(getattr(self.pipeline, "do_classifier_free_guidance", False))
+            do_cfg = getattr(self.pipeline, "do_classifier_free_guidance", None)
+            if do_cfg is None and not family.separate_cfg_calls:
+                # CogVideoX, Allegro: no property; __call__ batches [uncond, cond] when guidance_scale > 1
+                do_cfg = (getattr(self.pipeline, "guidance_scale", None) or 0) > 1
+            do_cfg = bool(do_cfg)
             st.cfg_separate = family.separate_cfg_calls
             st.cfg_batched = do_cfg and not family.separate_cfg_calls
             st.active = self.session.config.wants_step(st.step, st.total_steps)
