@@ -18,7 +18,7 @@ def capture(target: Any, relations: str | Sequence[str] = "auto", layers: str | 
             tokens: int | str | Sequence[int | str] | None = None, pool: int | Sequence[int] | None = None,
             stats: Sequence[str] = (), offload: str | None = "cpu", max_bytes: int = 8 * 2**30,
             spill_dir: str | Path | None = None, backend: str = "auto", layout: Any = None,
-            strict: bool = True) -> "Capture":
+            strict: bool = True, cp_store: str = "rank0") -> "Capture":
     """Capture attention maps from every call of ``target`` inside the block.
 
     target:    a diffusers pipeline or denoiser model (SD/SDXL UNets, SD3, Flux, Wan 2.1/2.2), a transformers
@@ -45,6 +45,9 @@ def capture(target: Any, relations: str | Sequence[str] = "auto", layers: str | 
     strict:    at the end of the block, what was asked for and not captured (a selected layer that ran and
                left no record, with the reason; a relation or step no call offered) raises
                CaptureIncomplete; strict=False turns that into a warning. The store keeps what was captured.
+    cp_store:  under context parallelism (diffusers' enable_parallelism: Ulysses, ring, both) every rank
+               runs the same block and the products are reduced over the CP group: "rank0" files them on
+               rank 0 only (the other ranks' stores stay empty), "all" on every rank.
     Every option is checked here, before anything is installed (attncap.options); what needs the model
     (segments, step count, text length, heads) is checked at the first denoiser call, before it runs.
     Returns a context manager that yields the Store; every processor and hook is restored on exit, also
@@ -58,8 +61,10 @@ def capture(target: Any, relations: str | Sequence[str] = "auto", layers: str | 
     caller = sys._getframe(1)
     if not isinstance(strict, bool):
         raise TypeError(f"strict must be True or False; got {strict!r}")
+    if cp_store not in ("rank0", "all"):
+        raise ValueError(f"cp_store must be 'rank0' (the store on rank 0) or 'all' (on every rank); got {cp_store!r}")
     return Capture(target, config, store_args, options.check_backend(backend), check_layout(layout),
-                   f"{caller.f_code.co_filename}:{caller.f_lineno}", strict)
+                   f"{caller.f_code.co_filename}:{caller.f_lineno}", strict, cp_store)
 
 
 class CaptureIncomplete(ValueError):
@@ -70,9 +75,9 @@ class Capture:
     """One capture block (made by attncap.capture): claims the target's modules, installs, restores."""
 
     def __init__(self, target: Any, config: CaptureConfig, store_args: dict, backend: str, layout: Any, where: str,
-                 strict: bool = True):
+                 strict: bool = True, cp_store: str = "rank0"):
         self.target, self.config, self.store_args = target, config, store_args
-        self.backend, self.layout, self.where, self.strict = backend, layout, where, strict
+        self.backend, self.layout, self.where, self.strict, self.cp_store = backend, layout, where, strict, cp_store
         self._session: CaptureSession | None = None
         self._state = "new"  # -> "open" -> "closed"
         self._claim: claims.Claim | None = None
@@ -88,7 +93,7 @@ class Capture:
         self._claim = claims.claim(self.target, self.where)
         try:
             store = self._store = Store(**self.store_args)
-            session = self._session = CaptureSession(self.config, store, backend=self.backend)
+            session = self._session = CaptureSession(self.config, store, backend=self.backend, cp_store=self.cp_store)
             self._installed = _integration_for(self.target, session, self.layout)
             self._installed.install()
         except BaseException:

@@ -11,12 +11,15 @@ Shape legend: B batch, N tokens of a call, Qb/Kb bins after pooling.
 from __future__ import annotations
 
 import fnmatch
+import math
+import threading
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
 from .coverage import Ledger
+from .full import FULL, full_request, in_sequence_order
 from .ops import attention
 from .request import MapRequest
 from .store import Record, Store
@@ -43,6 +46,10 @@ class Segment:
 class CallLayout:
     queries: tuple[Segment, ...]
     keys: tuple[Segment, ...]
+    # Where an integration permuted the call's tokens into segments: row i is token order[i] of the model's
+    # sequence ([N] or [B, N] long). relations="full" records are put back in sequence order (attncap.full).
+    query_order: torch.Tensor | None = field(default=None, compare=False)
+    key_order: torch.Tensor | None = field(default=None, compare=False)
     # (sample, batch): the call holds one sample of the denoiser's batch (Mochi's processor loops over
     # samples, each with its own valid text). Its records say which sample, and under batched CFG which branch.
     sample: tuple[int, int] | None = field(default=None, compare=False)
@@ -115,14 +122,30 @@ class StepState:
     cfg_batched: bool = False   # SD/SD3: [uncond, cond] halves in one batch
     cfg_separate: bool = False  # Flux/Wan: a cond call, then an uncond call
     active: bool = False        # this denoiser call is captured
+    call: int = 0               # the pipeline call: a step past the last run's total_steps starts the next
+    thread: threading.Thread | None = None  # the thread whose model calls this capture follows
 
     def advance(self, timestep: float | None) -> None:
+        here = threading.current_thread()
+        if self.thread is None:
+            self.thread = here
+        elif here is not self.thread:
+            raise RuntimeError(f"a model call from thread {here.name!r} reached an attncap.capture block that follows "
+                               f"thread {self.thread.name!r}: steps and branches of two threads cannot be told apart. "
+                               "Run one thread's calls per block, on its own copy of the model")
         if self.step < 0 or timestep is None or timestep != self.timestep:
+            if self.run_finished():
+                self.call += 1
+                self.step = -1
             self.step += 1
             self.call_in_step = 0
         else:
             self.call_in_step += 1
         self.timestep = timestep
+
+    def run_finished(self) -> bool:
+        """The current run has done all its steps (a further denoiser call belongs to the next pipeline call)."""
+        return self.total_steps is not None and self.step + 1 >= self.total_steps
 
     def branch_of_call(self) -> str | None:
         if self.cfg_separate:
@@ -137,6 +160,7 @@ class CaptureSession:
     state: StepState = field(default_factory=StepState)
     backend: str = "auto"
     ledger: Ledger = field(default_factory=Ledger)
+    cp_store: str = "rank0"   # under context parallelism: the store on rank 0 only, or on "all" ranks
 
     def entered(self, layer: str) -> None:
         """A selected layer runs on a captured step (its attention calls should follow)."""
@@ -150,6 +174,14 @@ class CaptureSession:
         """What the block asked for and did not get (see attncap.coverage)."""
         return self.ledger.problems(self.config.relations, self.config.steps)
 
+    def prompt_tokens(self, tokens: dict | None) -> None:
+        """The prompt tokens of the pipeline call about to run (encode_prompt runs before its first denoiser
+        call; the first prompt encoded for a call wins, so Flux's negative prompt does not replace it)."""
+        st = self.state
+        call = st.call + 1 if st.step >= 0 and st.run_finished() else st.call
+        if tokens is not None and call not in self.store.call_tokens:
+            self.store.set_call_tokens(call, tokens)
+
     def requests_for(self, layout: CallLayout, default_relations: Sequence[str]):
         """MapRequests for the relations of this call that the user asked for, with their segments."""
         out = []
@@ -161,7 +193,11 @@ class CaptureSession:
             keys = None
             # tokens index words: they select keys of grid-less segments other than image embeddings
             if cfg.tokens is not None and kseg.grid is None and kseg.name not in NOT_WORDS:
-                keys = [kseg.start + t for t in self.token_keys() if t < kseg.length]
+                keys = [kseg.start + t for t in self.token_keys()]
+                if keys[-1] >= kseg.stop:
+                    raise ValueError(f"tokens={list(cfg.tokens)} selects key index {keys[-1] - kseg.start}, but the "
+                                     f"{kseg.name!r} segment of {relation} has {kseg.length} tokens (0 to "
+                                     f"{kseg.length - 1}); pick indices or words inside the prompt")
             request = MapRequest(
                 heads=cfg.heads if isinstance(cfg.heads, str) else list(cfg.heads),
                 map=None if keys else True,
@@ -171,6 +207,11 @@ class CaptureSession:
                 keys=keys or None, stats=cfg.stats, max_bytes=cfg.max_bytes,
             )
             out.append((relation, qseg, kseg, request))
+        if FULL in ((cfg.relations,) if isinstance(cfg.relations, str) else cfg.relations):
+            nq, nk = max(seg.stop for seg in layout.queries), max(seg.stop for seg in layout.keys)
+            request = full_request(nq, nk, cfg.heads if isinstance(cfg.heads, str) else list(cfg.heads), cfg.stats,
+                                   cfg.max_bytes)
+            out.append((FULL, Segment(FULL, 0, nq), Segment(FULL, 0, nk), request))
         return out
 
     def token_keys(self) -> list[int]:
@@ -179,13 +220,14 @@ class CaptureSession:
         words = [t for t in self.config.tokens if isinstance(t, str)]
         if not words:
             return list(self.config.tokens)
-        if self.store.tokens is None:
+        tokens = self.store.tokens_of(self.state.call)
+        if tokens is None:
             raise ValueError(f"tokens={words} names prompt words, but this capture knows no prompt tokens (prompt "
                              "embeddings passed directly, or a model without a tokenizer): pass key indices, or set "
                              "store.tokens = attncap.prompts.align(tokenizer, prompt).to_tokens() inside the block")
         from .prompts import Alignment
 
-        alignment = Alignment.from_tokens(self.store.tokens)
+        alignment = Alignment.from_tokens(tokens)
         keys = [k for t in self.config.tokens for k in ([t] if isinstance(t, int) else alignment.indices(t))]
         return sorted(set(keys))
 
@@ -196,14 +238,20 @@ class CaptureSession:
 
         q, k, v as attncap.attention takes them in ``layout_name`` ("bhsd" as SDPA, "bshd" as diffusers'
         dispatcher); the output comes back in the same layout."""
-        self.ledger.reached(layer, [f"{a.name}->{b.name}" for a, b in layout.relations()])
+        self.ledger.reached(layer, [f"{a.name}->{b.name}" for a, b in layout.relations()] + [FULL])
         wanted = self.requests_for(layout, default_relations)
         if not wanted:
             return None
+        heads = q.shape[1 if layout_name == "bhsd" else 2]
+        if not isinstance(self.config.heads, str) and max(self.config.heads) >= heads:
+            raise ValueError(f"heads={list(self.config.heads)} but layer {layer!r} has {heads} heads (0 to {heads - 1}); "
+                             "pick head indices below that, 'mean' or 'all', or layers with more heads")
         out, products = attention(q, k, v, scale=scale, attn_mask=attn_mask, is_causal=is_causal,
                                   request=[w[3] for w in wanted], backend=self.backend, layout=layout_name)
         for (relation, qseg, kseg, request), prods in zip(wanted, products):
             for kind, data in prods.items():
+                if relation == FULL:
+                    data = in_sequence_order(kind, data, layout.query_order, layout.key_order)
                 self._file(layer, relation, kind, data, request, qseg, kseg, layout.sample)
         return out
 
@@ -224,7 +272,7 @@ class CaptureSession:
         heads = self.config.heads if isinstance(self.config.heads, str) else tuple(self.config.heads)
         common = dict(layer=layer, step=self.state.step, timestep=self.state.timestep, relation=relation, kind=kind,
                       query_grid=grid_of(qseg, request.query_pool), key_grid=grid_of(kseg, request.key_pool),
-                      heads=heads, meta=meta)
+                      heads=heads, meta=meta, call=self.state.call)
         if sample is not None:
             index, batch = sample
             branch = self.state.branch_of_call()
@@ -242,7 +290,7 @@ class CaptureSession:
 
     def estimate_bytes(self, layouts: Sequence[tuple[CallLayout, Sequence[str]]], batch: int, heads: int) -> int:
         """Bytes one denoiser call would file for these layer layouts (products only)."""
-        from .validate import Shapes, check_request, product_bytes
+        from .validate import Shapes, check_request, product_shapes
 
         total = 0
         for layout, default in layouts:
@@ -251,10 +299,6 @@ class CaptureSession:
             shapes = Shapes(batch, heads, heads, nq, nk, 1, 1)
             for _, _, _, request in self.requests_for(layout, default):
                 plan = check_request(MapRequest(**{**request.__dict__, "max_bytes": 2**62}), shapes)
-                sizes = product_bytes(plan, shapes)
                 # The per-head one-pass workspace is transient: count what is kept.
-                total += sum(v for k, v in sizes.items() if k == "map" or k == "rows" or k == "colsum")
-                total += batch * plan.heads_table.shape[0] * plan.query.nbins * 4 * (
-                    (plan.selected.numel() if plan.selected is not None else 0)
-                    + sum(s in plan.stats for s in ("entropy", "peak")))
+                total += sum(math.prod(shape) * 4 for shape in product_shapes(plan, batch).values())
         return total

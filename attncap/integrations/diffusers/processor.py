@@ -17,6 +17,7 @@ import torch
 
 from ...intercept import handling, intercept_sdpa
 from ...session import CallLayout, CaptureSession
+from .. import parallel
 from .dispatch import classic_scores, classic_to_heads
 
 # (call index, Nq, Nk) -> layout, or a string saying why this call has none
@@ -38,12 +39,38 @@ class CallHandler:
             session.note(layer, "attention dropout is on (attncap computes attention without dropout)")
             return None
         nq, nk = (query.shape[1], key.shape[1]) if layout == "bshd" else (query.shape[-2], key.shape[-2])
+        mesh = parallel.cp_mesh(getattr(self.proc.original, "_parallel_config", None))
+        if mesh is not None and not is_causal:
+            # Under context parallelism a call the processor keeps local may still see sharded queries.
+            return self._sharded(index, query, key, value, attn_mask, scale, layout, mesh, cp_call=False)
         call_layout = self.proc.layout_fn(index, nq, nk)
         if isinstance(call_layout, str):
             session.note(layer, call_layout)
             return None
         return session.capture_call(layer, call_layout, self.proc.default_relations, query, key, value,
                                     attn_mask=attn_mask, is_causal=is_causal, scale=scale, layout_name=layout)
+
+    def _sharded(self, index, query, key, value, attn_mask, scale, layout: str, mesh, cp_call: bool):
+        """A call of a context-parallel rank: find which axes are sharded, then attncap.integrations.parallel."""
+        if layout == "bhsd":
+            out = self._sharded(index, *(x.transpose(1, 2) for x in (query, key, value)), attn_mask, scale, "bshd",
+                                mesh, cp_call)
+            return None if out is None else out.transpose(1, 2)
+        nq, nk, w = query.shape[1], key.shape[1], mesh.world
+        options = [(True, True)] if cp_call else [(True, False), (False, False), (True, True)]
+        for q_split, k_split in options:
+            call_layout = self.proc.layout_fn(index, nq * w if q_split else nq, nk * w if k_split else nk)
+            if not isinstance(call_layout, str):
+                break
+        else:
+            self.proc.session.note(self.proc.layer, call_layout + f" (a context-parallel rank of {w})")
+            return None
+        if k_split and not cp_call:
+            self.proc.session.note(self.proc.layer, "sharded keys in a call diffusers does not run context-parallel")
+            return None
+        call = parallel.ShardedCall(self.proc.session, self.proc.layer, call_layout, self.proc.default_relations,
+                                    mesh, cp_call, q_split, k_split, self.proc.session.cp_store)
+        return call.run(query, key, value, scale, attn_mask)
 
     def __call__(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                  enable_gqa=False):
@@ -58,9 +85,18 @@ class CallHandler:
                       enable_gqa=False, _parallel_config=None, **backend_kwargs):
         """A diffusers backend's call: [B, N, H, D]; a [B, Nk] mask is key padding."""
         if _parallel_config is not None:
-            self.proc.session.note(self.proc.layer, "a context-parallel attention call (not captured by this path)")
-            self.index += 1
-            return None
+            mesh = parallel.cp_mesh(_parallel_config)
+            if is_causal:
+                self.proc.session.note(self.proc.layer, "causal attention under context parallelism")
+                self.index += 1
+                return None
+            if mesh is not None:
+                index = self.index
+                self.index += 1
+                if dropout_p:
+                    self.proc.session.note(self.proc.layer, "attention dropout is on")
+                    return None
+                return self._sharded(index, query, key, value, attn_mask, scale, "bshd", mesh, cp_call=True)
         if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):
             self.proc.session.note(self.proc.layer, f"a {type(attn_mask).__name__} mask (attncap takes tensor masks)")
             self.index += 1

@@ -1,0 +1,133 @@
+"""Capture under diffusers' context parallelism equals capture on one process.
+
+pytest spawns 2 and 4 local gloo ranks (127.0.0.1, a free port, one thread each, bounded in time).
+Each rank builds the same tiny Wan 2.1 transformer (seeded), captures one cond and one uncond call
+in a single process as the reference, then enables Ulysses, ring or unified CP on a fresh copy and
+captures the same calls. Rank 0's records must equal the reference (same keys, data within 1e-5
+in fp32) and the parallel output must be unchanged by capture. The video grid (2, 4, 4) is split
+into 8- or 16-token shards, so the (1, 3, 3) pooled bins straddle shards.
+
+On a CPU machine torch.accelerator.device_count() is 0 and diffusers' _resolve_parallel_config
+divides by it: the ranks patch it to 1 (each rank's "device" is the CPU).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+TEXT = 8
+GRID = (2, 4, 4)
+
+
+def _model(heads: int, seed: int = 0):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=8,
+                                 in_channels=4, out_channels=4, text_dim=16, freq_dim=32, ffn_dim=16, num_layers=2,
+                                 cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32).eval()
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 4, GRID[0], GRID[1] * 2, GRID[2] * 2, generator=g)
+    cond, uncond = torch.randn(1, TEXT, 16, generator=g), torch.randn(1, TEXT, 16, generator=g)
+    return x, cond, uncond
+
+
+def _run(model, options: dict):
+    """Capture a cond call and an uncond call of one step; (records by key, outputs)."""
+    import attncap
+
+    x, cond, uncond = _inputs()
+    t = torch.tensor([600.0])
+    with attncap.capture(model, **options) as store, torch.no_grad():
+        outs = [model(x, t, cond, return_dict=False)[0], model(x, t, uncond, return_dict=False)[0]]
+    records = {(r.layer, r.step, r.branch, r.relation, r.kind): r.data for r in store.records}
+    return records, outs
+
+
+CHECKS = [  # capture options checked under every CP layout
+    dict(relations="all", pool=(1, 3, 3), stats=("colsum", "entropy")),
+    dict(relations="all", heads="all", stats=("peak",)),
+    dict(relations="video->text", heads=[1], tokens=[0, 5]),
+]
+
+
+def _worker(rank: int, world: int, port: int, layouts: list, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    result = {"rank": rank, "ok": [], "error": None}
+    try:
+        import torch.distributed as dist
+        from diffusers import ContextParallelConfig
+
+        torch.accelerator.device_count = lambda: 1   # see the module docstring
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        x, cond, uncond = _inputs()
+        references = {}
+        for name, ulysses, ring, heads, anything in layouts:
+            for i, options in enumerate(CHECKS):
+                if (heads, i) not in references:
+                    references[heads, i] = _run(_model(heads), options)
+                reference, ref_outs = references[heads, i]
+                model = _model(heads)
+                model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=ulysses, ring_degree=ring,
+                                                                      ulysses_anything=anything))
+                if ring == 1:  # diffusers' ring needs an LSE, which its native backend has not on CPU
+                    with torch.no_grad():
+                        plain = model(x, torch.tensor([600.0]), cond, return_dict=False)[0]
+                    torch.testing.assert_close(ref_outs[0], plain, atol=1e-5, rtol=1e-5)
+                records, outs = _run(model, options)
+                for out, ref in zip(outs, ref_outs):
+                    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+                if rank == 0:
+                    assert sorted(records) == sorted(reference), (name, sorted(set(records) ^ set(reference))[:4])
+                    for key, data in records.items():
+                        torch.testing.assert_close(data, reference[key], atol=1e-5, rtol=1e-5,
+                                                   msg=lambda m, key=key: f"{name} {key}: {m}")
+                else:
+                    assert not records, "ranks other than 0 keep no records by default"
+                result["ok"].append(f"{name} {options}")
+        dist.destroy_process_group()
+    except Exception:
+        result["error"] = traceback.format_exc()
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(world: int, layouts: list, tmp_path: Path, timeout: float = 240.0) -> None:
+    context = mp.start_processes(_worker, args=(world, _free_port(), layouts, str(tmp_path)), nprocs=world,
+                                 join=False, start_method="spawn")
+    for _ in range(int(timeout)):
+        if context.join(timeout=1):
+            break
+    else:
+        for p in context.processes:
+            p.kill()
+        pytest.fail(f"{world} ranks did not finish within {timeout:.0f} s")
+    for rank in range(world):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result["error"] is None, f"rank {rank}:\n{result['error']}"
+        assert len(result["ok"]) == len(layouts) * len(CHECKS)
+
+
+def test_two_ranks_ulysses_ring_and_heads_not_divisible(tmp_path):
+    # (name, ulysses degree, ring degree, heads, ulysses_anything): 3 heads do not divide over 2 Ulysses
+    # ranks, which diffusers runs with ulysses_anything=True
+    _spawn(2, [("ulysses", 2, 1, 2, False), ("ring", 1, 2, 2, False), ("ulysses, 3 heads", 2, 1, 3, True)], tmp_path)
+
+
+def test_four_ranks_unified_and_ring(tmp_path):
+    _spawn(4, [("unified 2x2", 2, 2, 2, False), ("ring 4", 1, 4, 2, False)], tmp_path)
