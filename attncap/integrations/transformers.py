@@ -262,7 +262,8 @@ class TransformersCapture:
             if by_config or by_name:
                 roots.append((name, m))
         for name, root in roots:
-            tower = MergeTower(root) if hasattr(root, "spatial_merge_size") else PatchTower(root)
+            merged = hasattr(root, "spatial_merge_size") or hasattr(root, "merge_kernel_size")
+            tower = MergeTower(root) if merged else PatchTower(root)
             self._hooks.append(root.register_forward_pre_hook(
                 lambda mod, args, kwargs, t=tower: t.begin(self, args, kwargs), with_kwargs=True))
             for sub in root.modules():

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..session import CallLayout, Segment
-from .vlm_media import MediaItem
+from .vlm_media import MediaItem, patch_side
 
 if TYPE_CHECKING:  # the towers call back into the capture that owns them
     from .transformers import TransformersCapture
@@ -152,11 +152,12 @@ def _place_item(item: MediaItem, kinds: torch.Tensor, code: int, pos: int, segid
 # ----------------------------------------------------------------------------------- vision towers
 class MergeTower:
     """Qwen2-VL / Qwen2.5-VL vision tower: patches of each frame in merge-block order (and, for
-    Qwen2.5-VL, window order); attention is called once per frame (cu_seqlens) or once per window."""
+    Qwen2.5-VL, window order); attention is called once per frame (cu_seqlens) or once per window.
+    Kimi-K2.5's tower is the same with row-major patches (it merges after the tower)."""
 
     def __init__(self, root: torch.nn.Module):
         self.root = root
-        self.m = int(root.spatial_merge_size)
+        self.m = int(getattr(root, "spatial_merge_size", 1))  # Kimi-K2.5 merges after its tower: rows stay row-major
         self.chunks: list[tuple[str, tuple[int, int], torch.Tensor]] | None = None
         self.full_cu: torch.Tensor | None = None
         self.calls: dict[int, list] = {}
@@ -250,7 +251,7 @@ class PatchTower:
 
     def begin(self, owner: "TransformersCapture", args, kwargs) -> None:
         pv = kwargs.get("pixel_values", args[0] if args else None)
-        patch = getattr(getattr(self.root, "config", None), "patch_size", None)
+        patch = patch_side(getattr(getattr(self.root, "config", None), "patch_size", None))
         self.grids = None
         if not isinstance(pv, torch.Tensor) or pv.dim() not in (4, 5) or not isinstance(patch, int):
             return

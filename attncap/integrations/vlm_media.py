@@ -60,9 +60,15 @@ def _vc(cfg) -> Any:
     return getattr(cfg, "vision_config", None)
 
 
+def patch_side(p: Any) -> int | None:
+    """A square patch size as an int (InternVL writes [14, 14]); None for anything else."""
+    if isinstance(p, (list, tuple)) and len(set(p)) == 1:
+        p = p[0]
+    return p if isinstance(p, int) and not isinstance(p, bool) else None
+
+
 def _patch(cfg) -> int | None:
-    p = getattr(_vc(cfg), "patch_size", None)
-    return p if isinstance(p, int) else None
+    return patch_side(getattr(_vc(cfg), "patch_size", None))
 
 
 def _strategy(cfg, inp) -> str:
@@ -148,9 +154,10 @@ def anyres_rule(model, cfg, inp: dict, modality: str) -> list[MediaItem] | None:
     module = sys.modules.get(type(model).__module__)
     to_tiles = getattr(module, "image_size_to_num_patches", None)
     vc = _vc(cfg)
-    if modality != "image" or not isinstance(sizes, torch.Tensor) or pack is None or to_tiles is None \
-            or _strategy(cfg, inp) != "default":
+    if modality != "image" or not isinstance(sizes, torch.Tensor) or pack is None or to_tiles is None:
         return None
+    if (_strategy(cfg, inp) == "full") == (getattr(vc, "model_type", "") == "clip_vision_model"):
+        return None  # a tile would not be its g x g patches (class token kept, or a patch dropped)
     g = vc.image_size // vc.patch_size
     params = inspect.signature(pack).parameters
     extra = {}

@@ -1,0 +1,212 @@
+"""Tiny random-weight transformers models built from configs (no downloads, CPU, about a second each):
+vision-language families with their own image-token layouts, and language models with attention
+variants (sinks, softcapping, eager-only).
+
+    builder          family              image tokens in the language model (pixel inputs of vlm_inputs)
+    llava_next       LLaVA-NeXT          base tile 4x4 + 3 anyres tiles stitched, unpadded, newline per row
+    llava_onevision  LLaVA-OneVision     the same with OneVision's packing (SigLIP tower, no class token)
+    aya_vision       Aya Vision          one tile, 8x8 patches pixel-shuffled (2) to 4x4
+    internvl         InternVL            one tile, 8x8 patches pixel-shuffled (0.5) to 4x4, class token dropped
+    gemma3           Gemma 3             8x8 patches average-pooled to mm_tokens_per_image = 16 -> 4x4
+    idefics3         Idefics3            2 tiles of 8x8 patches (scale 2 -> 4x4), a blank padding tile dropped
+    smolvlm          SmolVLM             the same (Idefics3-style connector)
+    mistral3         Mistral 3 / Pixtral 32x48 pixels, patch 4, merge 2 -> 4x6 with [IMG_BREAK] / [IMG_END]
+    llama4           Llama 4             one tile, 8x8 patches, class token last in the tower, shuffle -> 4x4
+    kimi_k25         Kimi-K2.5           grid_thw (1, 8, 12), merge kernel 2x2 -> 4x6
+
+Every text config has 4 query heads over 2 key heads (GQA), so maps average over real GQA groups.
+"""
+from __future__ import annotations
+
+import torch
+
+IMAGE, BREAK, END, PAD = 60, 57, 58, 0
+
+TEXT = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+            pad_token_id=PAD)
+CLIP = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, image_size=16, patch_size=4, projection_dim=32)
+SIGLIP = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=2, image_size=32, patch_size=4)
+
+
+def _eval(model):
+    return model.eval()
+
+
+def llava_next(seed: int = 0):
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = LlavaNextConfig(text_config=dict(TEXT, model_type="llama"), vision_config=CLIP, image_token_id=IMAGE,
+                          image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]], vision_feature_layer=-1)
+    return _eval(LlavaNextForConditionalGeneration(cfg))
+
+
+def llava_onevision(seed: int = 0):
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = LlavaOnevisionConfig(text_config=dict(TEXT, model_type="qwen2"), vision_config=dict(SIGLIP, image_size=16),
+                               image_token_id=IMAGE, video_token_id=61,
+                               image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]], vision_feature_layer=-1)
+    return _eval(LlavaOnevisionForConditionalGeneration(cfg))
+
+
+def anyres_inputs(model, size=(14, 40), seed: int = 0) -> dict:
+    """One image of ``size`` pixels: 1 base + 2 tiles of 16x16 (pinpoint 16x32), patch 4; the 4x8 stitched
+    grid loses 2 padding rows at the top and bottom when unpadded (14x40 is wider than 16x32)."""
+    g = torch.Generator().manual_seed(seed)
+    pv = torch.randn(1, 3, 3, 16, 16, generator=g)
+    return dict(pixel_values=pv, image_sizes=torch.tensor([list(size)]))
+
+
+def aya_vision(seed: int = 0):
+    from transformers import AyaVisionConfig, AyaVisionForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = AyaVisionConfig(text_config=dict(TEXT, model_type="cohere2", layer_types=None, sliding_window=4096),
+                          vision_config=SIGLIP, image_token_id=IMAGE, downsample_factor=2,
+                          vision_feature_layer=-1, adapter_layer_norm_eps=1e-6)
+    return _eval(AyaVisionForConditionalGeneration(cfg))
+
+
+def internvl(seed: int = 0):
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=[32, 32], patch_size=[4, 4])
+    cfg = InternVLConfig(text_config=dict(TEXT, model_type="qwen2"), vision_config=vision, image_token_id=IMAGE,
+                         vision_feature_layer=-1)
+    return _eval(InternVLForConditionalGeneration(cfg))
+
+
+def gemma3(seed: int = 0):
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = dict(TEXT, model_type="gemma3_text", sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+                query_pre_attn_scalar=8)
+    cfg = Gemma3Config(text_config=text, vision_config=SIGLIP, image_token_id=IMAGE, mm_tokens_per_image=16,
+                       boi_token_index=55, eoi_token_index=56)
+    return _eval(Gemma3ForConditionalGeneration(cfg))
+
+
+def square_inputs(model, tiles: int = 1, side: int = 32, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return dict(pixel_values=torch.randn(tiles, 3, side, side, generator=g))
+
+
+def idefics3(seed: int = 0, smol: bool = False):
+    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, SmolVLMConfig,
+                              SmolVLMForConditionalGeneration)
+
+    torch.manual_seed(seed)
+    config, model = (SmolVLMConfig, SmolVLMForConditionalGeneration) if smol else \
+        (Idefics3Config, Idefics3ForConditionalGeneration)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=4)
+    cfg = config(text_config=dict(TEXT, model_type="llama"), vision_config=vision, image_token_id=IMAGE,
+                 scale_factor=2)
+    return _eval(model(cfg))
+
+
+def smolvlm(seed: int = 0):
+    return idefics3(seed, smol=True)
+
+
+def tiles_inputs(model, seed: int = 0) -> dict:
+    """[1, 3, C, 32, 32]: two real tiles and one blank padding tile (dropped by the model)."""
+    g = torch.Generator().manual_seed(seed)
+    pv = torch.randn(1, 3, 3, 32, 32, generator=g)
+    pv[0, 2] = 0
+    return dict(pixel_values=pv)
+
+
+def mistral3(seed: int = 0):
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=64, patch_size=4, head_dim=16)
+    cfg = Mistral3Config(text_config=dict(TEXT, model_type="mistral"), vision_config=vision, image_token_id=IMAGE,
+                         spatial_merge_size=2, vision_feature_layer=-1)
+    return _eval(Mistral3ForConditionalGeneration(cfg))
+
+
+def pixtral_inputs(model, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return dict(pixel_values=torch.randn(1, 3, 32, 48, generator=g), image_sizes=torch.tensor([[32, 48]]))
+
+
+def llama4(seed: int = 0):
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = dict(TEXT, intermediate_size_mlp=64, num_local_experts=1, interleave_moe_layer_step=1, moe_layers=[],
+                no_rope_layers=[1, 1], attention_chunk_size=64)
+    vision = dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=4, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32,
+                  pixel_shuffle_ratio=0.5, rope_theta=10000)
+    cfg = Llama4Config(text_config=text, vision_config=vision, image_token_index=IMAGE)
+    return _eval(Llama4ForConditionalGeneration(cfg))
+
+
+def kimi_k25(seed: int = 0):
+    from transformers import Kimi_K25Config, Kimi_K25ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = dict(TEXT, model_type="deepseek_v3", n_routed_experts=2, num_experts_per_tok=1, first_k_dense_replace=2,
+                kv_lora_rank=8, q_lora_rank=None, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8,
+                n_group=1, topk_group=1, num_key_value_heads=4, head_dim=4)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=2,
+                  merge_kernel_size=[2, 2], pos_emb_height=16, pos_emb_width=16)
+    cfg = Kimi_K25Config(text_config=text, vision_config=vision, image_token_id=IMAGE, projection_hidden_size=32)
+    return _eval(Kimi_K25ForConditionalGeneration(cfg))
+
+
+def thw_inputs(model, grid=(1, 8, 12), seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    t, h, w = grid
+    p = model.config.vision_config.patch_size
+    return dict(pixel_values=torch.randn(t * h * w, 3, p, p, generator=g), image_grid_thw=torch.tensor([list(grid)]))
+
+
+VLMS = {
+    "llava_next": (llava_next, anyres_inputs), "llava_onevision": (llava_onevision, anyres_inputs),
+    "aya_vision": (aya_vision, square_inputs), "internvl": (internvl, square_inputs),
+    "gemma3": (gemma3, square_inputs), "idefics3": (idefics3, tiles_inputs), "smolvlm": (smolvlm, tiles_inputs),
+    "mistral3": (mistral3, pixtral_inputs), "llama4": (llama4, square_inputs), "kimi_k25": (kimi_k25, thw_inputs),
+}
+
+
+def feature_rows(model, pixels: dict) -> list[int]:
+    """Language-model tokens each image (feature group) of ``pixels`` fills, from the model itself."""
+    with torch.no_grad():
+        out = model.base_model.get_image_features(**pixels)
+    pooled = out.pooler_output if out.pooler_output is not None else out.last_hidden_state  # Llama 4
+    if isinstance(pooled, torch.Tensor) and pooled.dim() == 3:
+        return [pooled.shape[1]] * pooled.shape[0]
+    if isinstance(pooled, torch.Tensor):
+        return [pooled.shape[0]]
+    return [x.shape[:-1].numel() for x in pooled]
+
+
+def vlm_inputs(name: str, model, seed: int = 0) -> dict:
+    """input_ids [1, N]: two text tokens, the images' tokens (text between feature groups), three text
+    tokens; for Mistral 3 every row of [IMG] ends with [IMG_BREAK] and the last with [IMG_END]."""
+    pixels = VLMS[name][1](model, seed=seed)
+    rows = feature_rows(model, pixels)
+    ids = [5, 6]
+    for i, n in enumerate(rows):
+        if name == "mistral3":
+            h, w = (int(s) // 8 for s in pixels["image_sizes"][i])
+            for r in range(h):
+                ids += [IMAGE] * w + [END if r == h - 1 else BREAK]
+        else:
+            ids += [IMAGE] * n + [7]
+    ids += [8, 9, 10]
+    ids = torch.tensor([ids])
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), **pixels)
