@@ -12,6 +12,7 @@
       groups.png            part-wise view of named token groups (groups=)
       video_<word>.mp4/.gif the word's map over the video's frames (video records + video=)
       generation.mp4/.gif   language models: one frame per generated token
+      explorer.html         the interactive offline page (viz.explorer.explore)
       importance.png, stats.json, report.md, report.html
 
 Used by ``attncap run``, ``attncap render DIR`` and the demo. A view that cannot be drawn from
@@ -83,12 +84,13 @@ def render_all(store: Store, out_dir: str | Path, image: Any = None, words: Any 
                relation: str | None = None, branch: str | None = None, groups: dict | None = None,
                generated: Sequence[str] | None = None, tree: bool = True, report: bool = True, fps: float = 3.0,
                mask_quantile: float = 0.9, mask_sigma: float = 1.0, animations: Sequence[str] = ("gif", "mp4"),
-               meta: dict | None = None, progress: bool = True) -> list[Path]:
+               meta: dict | None = None, explorer_page: bool = True, progress: bool = True) -> list[Path]:
     """Write every view of ``store`` that its records support into out_dir (see the module doc) and
     return the paths written. image: the generated picture (PIL, array, tensor or path); video: its
     frames or a path; words: words / key indices to draw (default: the prompt's words from
     store.tokens, else the most attended tokens); groups: {name: [words]} for the part-wise view;
-    generated: the generated tokens of a language model (default store.tokens["generated"])."""
+    generated: the generated tokens of a language model (default store.tokens["generated"]);
+    explorer_page: write explorer.html (viz.explorer; a page over its size limit is a note in the report)."""
     from tqdm.auto import tqdm
 
     out = Path(out_dir)
@@ -217,6 +219,12 @@ def render_all(store: Store, out_dir: str | Path, image: Any = None, words: Any 
         paths.extend(written)
         figures.extend(("Generation view", p) for p in written)
 
+    def explorer():
+        p = viz.explorer.explore(store, out / "explorer.html", image=img if frames is None else None, video=frames,
+                                 branch=branch, meta=meta)
+        paths.append(p)
+        figures.insert(0, ("Interactive explorer (word, step, layer, head, branch; hover and click)", p))
+
     def importance_chart():
         st, scores = A.importance_by_step(store, relation, branch=branch)
         top = [t.index for t in A.token_importance(store, relation, branch=branch, top=6)]
@@ -242,6 +250,9 @@ def render_all(store: Store, out_dir: str | Path, image: Any = None, words: Any 
         jobs.append(("groups", group_view))
     if gen and animations:
         jobs.append(("generation view", generation))
+
+    if explorer_page and (text or spatial or gen):
+        jobs.append(("explorer", explorer))
 
     for name, fn in tqdm(jobs, desc="attncap: render", disable=not progress):
         attempt(name, fn)

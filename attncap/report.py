@@ -117,9 +117,10 @@ def write_report(out_dir: str | Path, store: Store, figures: Sequence[tuple[str,
     info = [(k, v if isinstance(v, (str, int, float)) else json.dumps(v)) for k, v in meta.items()] + summary
     sections = _sections(stats)
 
-    md = [f"# {title}", "", _md_table(["", ""], info), ""]
+    md = [f"# {title}", "", _md_table(["run", "value"], info), ""]
     for t, rel in figs:
-        md += [f"## {t}", "", f"[{Path(rel).name}]({rel})" if rel.endswith(".mp4") else f"![{t}]({rel})", ""]
+        link = f"[{Path(rel).name}]({rel})" + (" (open it in a browser; it works offline)" if rel.endswith(".html") else "")
+        md += [f"## {t}", "", link if rel.endswith((".mp4", ".html")) else f"![{t}]({rel})", ""]
     for name, text, header, rows in sections:
         md += [f"## {name}", ""] + ([text, ""] if text else []) + [_md_table(header, rows), ""]
     if notes:
@@ -138,9 +139,10 @@ def write_report(out_dir: str | Path, store: Store, figures: Sequence[tuple[str,
              "body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
              "table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px}"
              "th{background:#f3f3f3}img,video{max-width:100%;border:1px solid #eee}</style></head><body>",
-             f"<h1>{e(title)}</h1>", table(["", ""], info)]
+             f"<h1>{e(title)}</h1>", table(["run", "value"], info)]
     for t, rel in figs:
         media = (f"<video src='{e(rel)}' controls loop autoplay muted></video>" if rel.endswith(".mp4")
+                 else f"<p><a href='{e(rel)}'>{e(Path(rel).name)}</a> (works offline)</p>" if rel.endswith(".html")
                  else f"<img src='{e(rel)}' alt='{e(t)}'>")
         parts.append(f"<h2>{e(t)}</h2>{media}")
     for name, text, header, rows in sections:

@@ -45,7 +45,8 @@ def run_dir(model):
 
 def test_run_writes_the_image_the_store_and_every_view(run_dir):
     assert re.match(r"\d{8}-\d{6}-a-giraffe-on-a-red-sofa$", run_dir.name)
-    for name in ("image.png", "index.json", "maps-00000.safetensors", "run.json", "token_heatmaps.png",
+    assert any((run_dir / "records").iterdir())  # the store spilled into the run folder as it was captured
+    for name in ("image.png", "index.json", "run.json", "token_heatmaps.png", "explorer.html",
                  "evolution.gif", "masks.png", "self_attention.png", "importance.png", "stats.json",
                  "report.md", "report.html", "words/giraffe.png", "words/giraffe_overlay.png", "masks/giraffe.npy"):
         assert (run_dir / name).exists(), name
@@ -129,6 +130,63 @@ def test_demo_draws_grounded_words_from_the_embedded_model(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--steps", "0"])
     assert "--steps" in capsys.readouterr().err
+
+
+def test_budget_errors_name_the_flags_and_leave_no_empty_run_folder(model, capsys):
+    out = model / "refused"
+    argv = ["run", str(model / "tiny-sd"), "--prompt", PROMPT, "--prompt-embeds", str(model / "embeds.safetensors"),
+            "--steps", "2", "--height", "32", "--width", "32", "--relations", "image->image", "--max-gib", "1e-7",
+            "--quiet", "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--max-gib" in err and "--pool" in err and "max_bytes" not in err and "pool=" not in err, err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_demo_checks_its_captions_before_loading_anything(capsys, monkeypatch):
+    import attncap.demo as demo
+
+    monkeypatch.setattr(demo, "run", lambda *a, **k: pytest.fail("the demo ran with a bad caption"))
+    assert main(["demo", "--prompt", "a red circle", "a purple star"]) == 2
+    assert "does not know ['purple', 'star']" in capsys.readouterr().err
+    assert main(["demo", "--prompt", "a red and a blue"]) == 2
+    assert "names no '<colour> <shape>' object" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spelling", ["--out", "--output-dir", "--output_dir"])
+def test_out_is_also_spelt_output_dir(spelling):
+    from attncap.cli import build_parser
+
+    for verb in (["run", "m", "--prompt", "x"], ["render", "d"], ["demo"], ["explore", "d"]):
+        assert build_parser().parse_args([*verb, spelling, "somewhere"]).out == "somewhere"
+
+
+def test_ctrl_c_keeps_a_store_that_loads_and_says_where(tmp_path):
+    """SIGINT in the middle of a long run: exit 130, no traceback, the spilled records load."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "attncap.cli", "run", "shapes", "--prompt", "a red circle",
+                             "--steps", "1000", "--no-render", "--quiet", "--out", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:  # wait for a few spilled records
+        logs = list(tmp_path.glob("*/index.jsonl"))
+        if logs and logs[0].read_text().count('"record"') >= 3:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    (run,) = list(tmp_path.iterdir())
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert f"kept in {run}" in err and f"attncap explore {run}" in err
+    store = attncap.load(run)
+    assert len(store) >= 3 and store.tokens["prompt"] == "a red circle"
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["interrupted"] is True and meta["records"] == len(store)
 
 
 def test_run_takes_the_embedded_model_by_name(tmp_path):

@@ -7,7 +7,9 @@
 
 Each verb is a module of this package with ``add_parser(subparsers)`` (adds its sub-parser, named
 after the verb) and ``run(args)`` (does the work, raising CLIError for problems the user can fix).
-Registering a new verb is one line: import its module below and append it to VERBS.
+Registering a new verb is one line: import its module below and append it to VERBS (the module's
+name is the verb's name). Ctrl-C is no traceback: a verb that kept partial work raises
+common.Interrupted with where it is; any other KeyboardInterrupt prints "interrupted"; both exit 130.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import os
 import sys
 
 from . import demo, explore, render, run
-from .common import CLIError
+from .common import CLIError, Interrupted
 
 VERBS = (demo, run, render, explore)
 
@@ -41,6 +43,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"attncap: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:  # Ctrl-C after the verb kept what it had
+        print(f"attncap {args.command}: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        if os.environ.get("ATTNCAP_DEBUG"):
+            raise
+        print(f"attncap {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

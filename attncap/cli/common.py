@@ -13,6 +13,42 @@ class CLIError(Exception):
     """A problem the user can fix; printed as 'attncap: error: ...' with exit status 2."""
 
 
+class Interrupted(Exception):
+    """Ctrl-C, after a verb kept what it had: printed as 'attncap: ...' (no traceback), exit status 130."""
+
+
+OUT_ALIASES = ("--output-dir", "--output_dir")  # how the attention scripts people use spell --out
+
+# Python keyword arguments in library messages (budgets, plans) and the `attncap run` flags that set them
+_FLAG_WORDS = [
+    (r"\bwith spill_dir=", "(attncap run spills to its run folder already)"),
+    (r"\ba larger max_bytes\b", "a larger --max-gib"),
+    (r"\bpast max_bytes=", "past the --max-gib limit of "),
+    (r"\bmax_bytes(?:=|\s+is\s+)", "--max-gib is "),
+    (r"\bfewer steps or layers\b", "fewer --capture-steps or --layers"),
+    (r"\b(?:query_|key_)?pool=(\d+)", r"--pool \1"),
+    (r"\bpool=", "--pool N"),
+    (r"\bheads='mean'", "--heads mean"),
+    (r"\b(?:tokens|keys)=\[\.\.\.\]", "--tokens WORD,WORD"),
+    (r"\btokens=(?=[\s,])", "--tokens WORD,WORD"),
+    (r"\bheads=", "--heads "),
+    (r"\brelations=", "--relations "),
+    (r"\blayers=", "--layers "),
+    (r"\bstats=", "--stats "),
+    (r"\bsteps='last'", "--capture-steps last"),
+    (r"\bsteps=", "--capture-steps "),
+    (r"fewer layers \(e\.g\. ('[^']*')\)", r"fewer layers (--layers \1)"),
+    (r"query_range/key_range, or ", ""),
+]
+
+
+def in_flag_words(message: str) -> str:
+    """A library message with its keyword arguments spelt as the CLI flags that set them."""
+    for pattern, repl in _FLAG_WORDS:
+        message = re.sub(pattern, repl, message)
+    return message
+
+
 def csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 

@@ -5,7 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .common import CLIError, positive
+from .common import OUT_ALIASES, CLIError, positive
 
 # how ExplorerTooLarge's advice spells each option here
 FLAGS = {"pool": "--pool {}", "every": "--every {}", "branch": "--branch {}", "self_attention": "--no-self",
@@ -16,7 +16,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("explore", help="write an interactive offline HTML page of a saved run's maps",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("run", metavar="RUN", help="a run folder (attncap run / demo) or any saved store (index.json)")
-    p.add_argument("--out", "--output-dir", "--output_dir", dest="out", default=None,
+    p.add_argument("--out", *OUT_ALIASES, dest="out", default=None,
                    help="the page (.html), or a folder for explorer.html (default RUN/explorer.html)")
     p.add_argument("--image", default=None, help="picture to lay the maps over (default RUN/image.png)")
     p.add_argument("--video", default=None, help="video to lay the maps over (default RUN/video.mp4 or .gif)")

@@ -5,13 +5,13 @@ import argparse
 import json
 from pathlib import Path
 
-from .common import CLIError, check_words, groups, positive
+from .common import OUT_ALIASES, CLIError, check_words, groups, positive
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("render", help="draw a saved store (a folder written by 'attncap run' or store.save)")
     p.add_argument("dir", help="folder holding index.json (+ image.png / video.mp4 of a run)")
-    p.add_argument("--out", default=None, help="output folder (default: the store's folder)")
+    p.add_argument("--out", *OUT_ALIASES, dest="out", default=None, help="output folder (default: the store's folder)")
     p.add_argument("--image", default=None, help="picture to overlay (default DIR/image.png when present)")
     p.add_argument("--video", default=None, help="video to overlay (default DIR/video.mp4 when present)")
     p.add_argument("--words", nargs="+", default=None, help="words or key indices to draw")

@@ -14,13 +14,15 @@ import datetime as _dt
 import inspect
 import json
 import re
+import shutil
 import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-from .common import CLIError, capture_steps, check_words, csv, groups, heads, pool, positive, relations, stats
+from .common import (OUT_ALIASES, CLIError, Interrupted, capture_steps, check_words, csv, groups, heads, in_flag_words,
+                     pool, positive, relations, stats)
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 EMBEDDED_MODEL = "shapes"  # attncap run shapes: the demo model shipped in attncap/assets
@@ -53,7 +55,8 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float16 on cuda, float32 on cpu")
     p.add_argument("--max-gib", type=positive(float), default=8.0, help="refuse captures larger than this")
-    p.add_argument("--out", default="results", help="parent folder of the timestamped run folder")
+    p.add_argument("--out", *OUT_ALIASES, dest="out", default="results",
+                   help="parent folder of the timestamped run folder (the store spills there as it is captured)")
     p.add_argument("--render", action=argparse.BooleanOptionalAction, default=True, help="draw the pictures")
     p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True, help="write report.md/.html")
     p.add_argument("--tree", action=argparse.BooleanOptionalAction, default=True,
@@ -233,13 +236,25 @@ def _new_run_dir(parent: Path, prompt: str | None) -> Path:
     raise CLIError(f"cannot create a run folder under {parent}")
 
 
+def _label_tokens(store, alignment, prompt: str | None) -> None:
+    """store.tokens from --prompt: the tokenizer's alignment (also with --prompt-embeds: the prompt only
+    labels the keys then), else position labels with the prompt kept."""
+    from .. import prompts
+    from ..analysis import text_length
+
+    n = text_length(store)
+    if alignment is not None:
+        store.tokens = alignment.fit(n or len(alignment)).to_tokens()
+    elif prompt and n:
+        store.tokens = {"text": prompts.positions(n).tokens, "prompt": prompt, "words": []}
+
+
 def run(args) -> Path:
     import torch
 
     import attncap
 
     from .. import prompts
-    from ..analysis import text_length
     from ..render import render_all
 
     word_groups = groups(args.groups)
@@ -270,31 +285,37 @@ def run(args) -> Path:
                     raise CLIError(f"--tokens: {e}") from None
     layers = args.layers if args.layers == "all" or "," not in args.layers else csv(args.layers)
     t_load = time.perf_counter() - t0
-    try:
-        with attncap.capture(pipe, relations=args.relations, layers=layers, steps=args.capture_steps, heads=args.heads,
-                             tokens=tokens, pool=args.pool, stats=args.stats, max_bytes=int(args.max_gib * 2**30)) as store:
-            t1 = time.perf_counter()
-            with torch.inference_mode():
-                result = pipe(**kw)
-            t_run = time.perf_counter() - t1
-    except (ValueError, TypeError, attncap.BudgetExceeded) as e:
-        raise CLIError(str(e)) from None
-    run_dir = _new_run_dir(Path(args.out), args.prompt)
-    n = text_length(store)
-    if alignment is not None:
-        store.tokens = alignment.fit(n or len(alignment)).to_tokens()
-    elif args.prompt and n:
-        store.tokens = {"text": prompts.positions(n).tokens, "prompt": args.prompt, "words": []}
-    image, frames, files = _save_output(result, run_dir, args.fps)
-    store.save(run_dir)
     meta = {"model": args.model, "prompt": args.prompt, "negative_prompt": args.negative_prompt,
             "prompt_embeds": args.prompt_embeds, "pipeline": type(pipe).__name__, "seed": args.seed,
             "steps": args.steps, "guidance": args.guidance, "height": args.height, "width": args.width,
             "frames": args.frames, "layers": args.layers, "relations": args.relations, "pool": args.pool,
             "tokens": tokens, "heads": args.heads, "stats": list(args.stats), "capture_steps": args.capture_steps,
-            "device": str(device), "dtype": str(dtype).replace("torch.", ""), "records": len(store),
-            "store_mib": round(store.nbytes / 2**20, 2), "load_s": round(t_load, 2), "run_s": round(t_run, 2),
-            "outputs": files, "attncap": attncap.__version__, "torch": torch.__version__}
+            "device": str(device), "dtype": str(dtype).replace("torch.", ""), "load_s": round(t_load, 2),
+            "attncap": attncap.__version__, "torch": torch.__version__}
+    # The store spills into the run folder as it fills, so an interrupted run leaves a store that loads.
+    run_dir = _new_run_dir(Path(args.out), args.prompt)
+    store, result, t1 = None, None, time.perf_counter()
+    try:
+        with attncap.capture(pipe, relations=args.relations, layers=layers, steps=args.capture_steps, heads=args.heads,
+                             tokens=tokens, pool=args.pool, stats=args.stats, max_bytes=int(args.max_gib * 2**30),
+                             spill_dir=run_dir) as store:
+            with torch.inference_mode():
+                result = pipe(**kw)
+    except KeyboardInterrupt:
+        _keep_partial(store, run_dir, alignment, args.prompt, meta, time.perf_counter() - t1)
+    except (ValueError, TypeError, attncap.BudgetExceeded) as e:
+        if store is None or len(store) == 0:
+            shutil.rmtree(run_dir, ignore_errors=True)  # refused before any record: nothing to keep
+            raise CLIError(in_flag_words(str(e))) from None
+        _label_tokens(store, alignment, args.prompt)
+        store.save(run_dir)
+        raise CLIError(f"{in_flag_words(str(e))}\n(the {len(store)} records captured so far are in {run_dir})") from None
+    t_run = time.perf_counter() - t1
+    _label_tokens(store, alignment, args.prompt)
+    image, frames, files = _save_output(result, run_dir, args.fps)
+    store.save(run_dir)
+    meta.update({"records": len(store), "store_mib": round(store.nbytes / 2**20, 2), "run_s": round(t_run, 2),
+                 "outputs": files})
     (run_dir / "run.json").write_text(json.dumps(meta, indent=1, default=str))
     if args.render:
         render_all(store, run_dir, image=image if frames is None else None, video=frames,
@@ -304,3 +325,17 @@ def run(args) -> Path:
                                                "relations", "pool", "heads", "device", "dtype", "run_s")})
     print(f"attncap run: {len(store)} records ({meta['store_mib']} MiB) in {t_run:.1f} s -> {run_dir}")
     return run_dir
+
+
+def _keep_partial(store, run_dir: Path, alignment, prompt: str | None, meta: dict, seconds: float):
+    """After Ctrl-C: the spilled records labelled and indexed, run.json marked interrupted; raises Interrupted."""
+    if store is None or len(store) == 0:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise Interrupted("interrupted before any map was captured; nothing was kept")
+    _label_tokens(store, alignment, prompt)
+    store.save(run_dir)
+    meta.update({"records": len(store), "store_mib": round(store.nbytes / 2**20, 2), "run_s": round(seconds, 2),
+                 "interrupted": True, "outputs": []})
+    (run_dir / "run.json").write_text(json.dumps(meta, indent=1, default=str))
+    raise Interrupted(f"interrupted after {seconds:.1f} s; the {len(store)} records captured so far are kept in {run_dir}\n"
+                      f"  attncap render {run_dir}     draws them\n  attncap explore {run_dir}    explores them")
