@@ -1,0 +1,72 @@
+"""The NaN / inf policy of attncap.attention and attncap.maps_from_lse, the same on every backend.
+
+A query row is *poisoned* when anything its scores are made of is not finite: NaN or +-inf in its
+query vector q[b, h, i], in any key of its key head k[b, h // (H / Hk)] (masked keys too), or NaN or
++inf in its row of a float attn_mask (-inf there masks a key, as in SDPA); for maps_from_lse also
+a NaN or +inf in its lse. A poisoned row is NaN in ``out`` and in every product it enters: its map
+and tokens bins, its rows, its entropy and peak bins, and the colsum of its head group (a sum over
+the query range). Nothing else is NaN because of it, and nothing is turned into 0. NaN or inf in v
+reaches ``out`` only (the probabilities never see v). A fully masked row (every key masked) is not
+poisoned: it gives zeros, never NaN.
+
+Why: the kernels' online softmax would otherwise make poisoned rows NaN, 0 or finite depending on
+the backend and the path (an fp32 max that drops NaN on the GPU, a guard for fully masked rows that
+reads NaN as "no keys"). The rows are found from the inputs with a few elementwise reductions on the
+device (no host synchronisation, so compiled graphs are unaffected) and the products poisoned with
+torch.where, O(size of the inputs and products), small beside the attention itself.
+
+Shape legend: B batch, H query heads, Hk key heads, Nq queries, Nk keys, D head dim, G head groups,
+Qb query bins, Qs selected query rows.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def poisoned_rows(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, mask_kind: int,
+                  lse: torch.Tensor | None = None) -> torch.Tensor:
+    """bool [B, H, Nq]: the rows the policy poisons. q [B, H, Nq, D], k [B, Hk, Nk, D] (BHSD views),
+    mask a [B, H, Nq, Nk] view (mask_kind 2: float scores added), lse [B, H, Nq] or None."""
+    H, Hk = q.shape[1], k.shape[1]
+    bad = ~torch.isfinite(q).all(-1)
+    bad_keys = ~torch.isfinite(k).flatten(2).all(-1)                       # [B, Hk]
+    bad = bad | bad_keys.repeat_interleave(H // Hk, dim=1)[:, :, None]
+    if mask is not None and mask_kind == 2:
+        bad = bad | (torch.isnan(mask) | torch.isposinf(mask)).any(-1)
+    if lse is not None:
+        bad = bad | torch.isnan(lse) | torch.isposinf(lse)
+    return bad
+
+
+def _bins(bad: torch.Tensor, axis, heads: torch.Tensor) -> torch.Tensor:
+    """bool [B, G, bins]: which (head group, bin) of an axis plan holds a poisoned (head, query)."""
+    x = bad[:, :, axis.perm.long()][:, heads.long()].any(2).to(torch.float32)   # [B, G, slots]
+    hit = torch.zeros(x.shape[:2] + (axis.nbins,), dtype=torch.float32, device=x.device)
+    return hit.index_add_(2, axis.bin_of_slot.long(), x) > 0
+
+
+def poison(bad: torch.Tensor, out: torch.Tensor | None, plans: Sequence, tables: Sequence,
+           products: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Apply the policy: ``out`` (a [B, H, Nq, Dv] view, written in place) and ``products`` (each plan's
+    tensors in product_shapes' order, flattened) with poisoned rows NaN. ``tables`` hold each plan's
+    axis plans on the device (.query, .rows, .heads as in attncap.ops)."""
+    from .validate import product_shapes
+
+    if out is not None:
+        out.masked_fill_(bad[..., None], float("nan"))
+    done, items = [], iter(products)
+    for plan, t in zip(plans, tables):
+        per_query = None
+        for kind in product_shapes(plan, 1):
+            x = next(items)
+            if kind in ("map", "tokens", "entropy", "peak"):
+                per_query = _bins(bad, t.query, t.heads) if per_query is None else per_query
+                hit = per_query if x.dim() == 3 else per_query[..., None]
+            elif kind == "rows":
+                hit = _bins(bad, t.rows, t.heads)[..., None]
+            else:  # colsum: a sum over every query of the range
+                hit = _bins(bad, t.query, t.heads).any(-1)[..., None]
+            done.append(torch.where(hit, torch.full((), float("nan"), device=x.device), x))
+    return done
