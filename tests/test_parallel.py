@@ -1,7 +1,7 @@
 """Capture under diffusers' context parallelism equals capture on one process.
 
 pytest spawns 2 and 4 local gloo ranks (127.0.0.1, a free port, one thread each, bounded in time).
-Each rank builds the same tiny Wan 2.1 transformer (seeded), captures one cond and one uncond call
+Each rank builds the same tiny Wan 2.1 or Flux transformer (seeded), captures one cond and one uncond call
 in a single process as the reference, then enables Ulysses, ring or unified CP on a fresh copy and
 captures the same calls. Rank 0's records must equal the reference (same keys, data within 1e-5
 in fp32) and the parallel output must be unchanged by capture. The video grid (2, 4, 4) is split
@@ -35,21 +35,44 @@ def _model(heads: int, seed: int = 0):
                                  cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32).eval()
 
 
-def _inputs():
+def _flux(heads: int, seed: int = 0):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                  attention_head_dim=8, num_attention_heads=heads, joint_attention_dim=32,
+                                  pooled_projection_dim=24, guidance_embeds=False, axes_dims_rope=(2, 2, 4)).eval()
+
+
+FLUX_GRID = (4, 6)
+
+
+def _calls(family: str):
+    """The denoiser calls of one step: a cond call, then an uncond call (Wan and Flux true CFG)."""
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(1, 4, GRID[0], GRID[1] * 2, GRID[2] * 2, generator=g)
-    cond, uncond = torch.randn(1, TEXT, 16, generator=g), torch.randn(1, TEXT, 16, generator=g)
-    return x, cond, uncond
+    if family == "wan":
+        x = torch.randn(1, 4, GRID[0], GRID[1] * 2, GRID[2] * 2, generator=g)
+        texts = torch.randn(1, TEXT, 16, generator=g), torch.randn(1, TEXT, 16, generator=g)
+        return [lambda m, c=c: m(x, torch.tensor([600.0]), c, return_dict=False)[0] for c in texts]
+    h, w = FLUX_GRID
+    x = torch.randn(1, h * w, 16, generator=g)
+    axes = torch.meshgrid(torch.zeros(1), torch.arange(float(h)), torch.arange(float(w)), indexing="ij")
+    img_ids = torch.stack(axes, -1).reshape(-1, 3)
+    texts = [(torch.randn(1, TEXT, 32, generator=g), torch.randn(1, 24, generator=g)) for _ in range(2)]
+    return [lambda m, c=c: m(hidden_states=x, encoder_hidden_states=c[0], pooled_projections=c[1],
+                             timestep=torch.tensor([0.6]), img_ids=img_ids, txt_ids=torch.zeros(TEXT, 3),
+                             return_dict=False)[0] for c in texts]
 
 
-def _run(model, options: dict):
-    """Capture a cond call and an uncond call of one step; (records by key, outputs)."""
+def _run(model, family: str, options: dict, parallel=None):
+    """Capture the calls of one step; (records by key, outputs). parallel: a ContextParallelConfig to
+    enable inside the block (capture first, enable_parallelism second)."""
     import attncap
 
-    x, cond, uncond = _inputs()
-    t = torch.tensor([600.0])
     with attncap.capture(model, **options) as store, torch.no_grad():
-        outs = [model(x, t, cond, return_dict=False)[0], model(x, t, uncond, return_dict=False)[0]]
+        if parallel is not None:
+            model.enable_parallelism(config=parallel)
+        outs = [call(model) for call in _calls(family)]
     records = {(r.layer, r.step, r.branch, r.relation, r.kind): r.data for r in store.records}
     return records, outs
 
@@ -70,21 +93,25 @@ def _worker(rank: int, world: int, port: int, layouts: list, out_dir: str) -> No
 
         torch.accelerator.device_count = lambda: 1   # see the module docstring
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-        x, cond, uncond = _inputs()
         references = {}
-        for name, ulysses, ring, heads, anything in layouts:
-            for i, options in enumerate(CHECKS):
-                if (heads, i) not in references:
-                    references[heads, i] = _run(_model(heads), options)
-                reference, ref_outs = references[heads, i]
-                model = _model(heads)
-                model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=ulysses, ring_degree=ring,
-                                                                      ulysses_anything=anything))
-                if ring == 1:  # diffusers' ring needs an LSE, which its native backend has not on CPU
-                    with torch.no_grad():
-                        plain = model(x, torch.tensor([600.0]), cond, return_dict=False)[0]
-                    torch.testing.assert_close(ref_outs[0], plain, atol=1e-5, rtol=1e-5)
-                records, outs = _run(model, options)
+        for name, family, ulysses, ring, heads, anything in layouts:
+            build = _model if family == "wan" else _flux
+            checks = CHECKS if family == "wan" else CHECKS[:1]
+            for i, options in enumerate(checks):
+                if (family, heads, i) not in references:
+                    references[family, heads, i] = _run(build(heads), family, options)
+                reference, ref_outs = references[family, heads, i]
+                model = build(heads)
+                config = ContextParallelConfig(ulysses_degree=ulysses, ring_degree=ring, ulysses_anything=anything)
+                if i == 1:  # capture first, enable_parallelism inside the block: the order does not matter
+                    records, outs = _run(model, family, options, parallel=config)
+                else:
+                    model.enable_parallelism(config=config)
+                    if ring == 1:  # diffusers' ring needs an LSE, which its native backend has not on CPU
+                        with torch.no_grad():
+                            plain = _calls(family)[0](model)
+                        torch.testing.assert_close(ref_outs[0], plain, atol=1e-5, rtol=1e-5)
+                    records, outs = _run(model, family, options)
                 for out, ref in zip(outs, ref_outs):
                     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
                 if rank == 0:
@@ -120,14 +147,16 @@ def _spawn(world: int, layouts: list, tmp_path: Path, timeout: float = 240.0) ->
     for rank in range(world):
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert result["error"] is None, f"rank {rank}:\n{result['error']}"
-        assert len(result["ok"]) == len(layouts) * len(CHECKS)
+        assert len(result["ok"]) == sum(len(CHECKS) if layout[1] == "wan" else 1 for layout in layouts)
 
 
 def test_two_ranks_ulysses_ring_and_heads_not_divisible(tmp_path):
     # (name, ulysses degree, ring degree, heads, ulysses_anything): 3 heads do not divide over 2 Ulysses
     # ranks, which diffusers runs with ulysses_anything=True
-    _spawn(2, [("ulysses", 2, 1, 2, False), ("ring", 1, 2, 2, False), ("ulysses, 3 heads", 2, 1, 3, True)], tmp_path)
+    _spawn(2, [("ulysses", "wan", 2, 1, 2, False), ("ring", "wan", 1, 2, 2, False),
+               ("ulysses, 3 heads", "wan", 2, 1, 3, True), ("flux ulysses", "flux", 2, 1, 2, False),
+               ("flux ring", "flux", 1, 2, 2, False)], tmp_path)
 
 
 def test_four_ranks_unified_and_ring(tmp_path):
-    _spawn(4, [("unified 2x2", 2, 2, 2, False), ("ring 4", 1, 4, 2, False)], tmp_path)
+    _spawn(4, [("unified 2x2", "wan", 2, 2, 2, False), ("ring 4", "wan", 1, 4, 2, False)], tmp_path)
