@@ -175,3 +175,29 @@ def test_hunyuan_video15_t2v_and_uneven_batch():
         hv15_call(model, valid=(TEXT, 3), batch=2)()
     assert {r.relation for r in store.records if "refiner" not in r.layer} == {
         "video->video", "video->context", "context->video", "context->context"}
+
+
+def test_hunyuan_video_pipeline_true_cfg_branches_and_timesteps():
+    """HunyuanVideoPipeline with true_cfg_scale > 1: a cond call, then an uncond call, per step."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline
+
+    pipe = HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=tiny_hunyuan_video(), vae=None,
+                                scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder_2=None, tokenizer_2=None)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(2)
+    embeds = lambda n: dict(embeds=torch.randn(1, TEXT, 16, generator=g), pooled=torch.randn(1, 8, generator=g),  # noqa: E731
+                            mask=(torch.arange(TEXT) < n).long()[None])
+    cond, uncond = embeds(TEXT), embeds(3)
+    with attncap.capture(pipe) as store:
+        pipe(prompt_embeds=cond["embeds"], pooled_prompt_embeds=cond["pooled"], prompt_attention_mask=cond["mask"],
+             negative_prompt_embeds=uncond["embeds"], negative_pooled_prompt_embeds=uncond["pooled"],
+             negative_prompt_attention_mask=uncond["mask"], true_cfg_scale=4.0, height=32, width=48, num_frames=5,
+             num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(0))
+    # 32x48, 5 frames -> latent 2x4x6 (VAE 8x spatial, 4x temporal), patch 1
+    assert sorted((r.layer, r.step, r.branch) for r in store.records) == sorted(
+        (layer, s, b) for layer in ("transformer.transformer_blocks.0.attn", "transformer.single_transformer_blocks.0.attn")
+        for s in (0, 1) for b in ("cond", "uncond"))
+    assert all(r.relation == "video->text" and r.query_grid == (2, 4, 6) for r in store.records)
+    assert all(float(r.data[..., 3:].abs().max()) == 0.0 for r in store.get(branch="uncond"))
+    timesteps = pipe.scheduler.timesteps
+    assert all(abs(r.timestep - float(timesteps[r.step])) < 1e-3 for r in store.records)
