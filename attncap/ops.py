@@ -1,44 +1,44 @@
-"""attncap.attention: the kernel-level entry point.
+"""attncap.attention and attncap.maps_from_lse: the kernel-level entry points, as torch custom ops.
 
-Validates everything first, then runs the forward (output, LSE and one-pass products) and, when a
-product needs it, the map pass from the LSE. On CUDA both run as Triton kernels; on CPU they run
-as chunked PyTorch (attncap.cpu_path) unless backend="triton" asks for the kernels, which on CPU
-needs TRITON_INTERPRET=1 (for tests).
+A public function checks its arguments in plain Python on shapes, dtypes and request fields (never a
+tensor's values), turns the requests into Plans (attncap.validate) and calls a custom op,
+``torch.ops.attncap.attention`` or ``torch.ops.attncap.maps_from_lse``, with the plans as text. The
+op's implementation finds the plans' index tensors in a cache per (plans, device), built on a
+call's first use, and runs the forward and the map pass: on CUDA as Triton kernels, on CPU as
+chunked PyTorch (attncap.cpu_path) unless backend="triton" asks for the kernels, which on CPU needs
+TRITON_INTERPRET=1 (for tests). Its fake implementation gives every output's shape from the text
+alone. So under torch.compile the whole call is one node of the graph (fullgraph=True works for
+every product), and on CUDA a call reads no device value on the host: no synchronisation after the
+first call of a plan, and a warmed-up call can be captured in a CUDA graph.
 """
 from __future__ import annotations
 
+import ast
+import functools
 import os
+from collections import OrderedDict
+from dataclasses import dataclass
 from types import ModuleType
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
-from . import cpu_path
-from .layouts import AxisPlan, plan_range
+from . import cpu_path, nonfinite
+from .layouts import AxisPlan, AxisSpec
 from .request import MapRequest
-from .validate import MAX_SELECTED_KEYS, Plan, check_masks, check_request, check_tensors
+from .validate import Plan, check_masks, check_request, check_tensors, mask_views, product_shapes, selected_union
 
 BACKENDS = ("auto", "triton", "torch")
+PLAN_CACHE_SIZE = 256  # calls of distinct plans whose index tensors stay cached per process
 
-
-def _backend(name: str, device: torch.device) -> ModuleType:
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}; got {name!r}")
-    use_triton = name == "triton" or (name == "auto" and device.type == "cuda")
-    if not use_triton:
-        return cpu_path
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("backend='triton' on a CPU tensor needs TRITON_INTERPRET=1 set before attncap is imported; "
-                         "use backend='torch' (the chunked CPU path) or move the tensors to CUDA")
-    from . import kernels
-    return kernels
+Products = dict[str, torch.Tensor]
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
               attn_mask: torch.Tensor | None = None, is_causal: bool = False,
               request: MapRequest | Sequence[MapRequest] | None = None, *,
               key_padding_mask: torch.Tensor | None = None, layout: str = "bhsd",
-              backend: str = "auto") -> tuple[torch.Tensor, dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]]:
+              backend: str = "auto") -> tuple[torch.Tensor, Products | list[Products]]:
     """Scaled dot-product attention that also returns reductions of its probabilities.
 
     Shapes (layout="bhsd", as torch SDPA; layout="bshd" swaps H and N in every tensor):
@@ -49,53 +49,29 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     request, else the float32 tensors described in attncap.request (map, tokens, rows, colsum,
     entropy, peak). A list of requests (several relations of one joint sequence) shares one
     forward and returns a list of product dicts. A query with every key masked gets zeros in out
-    and products, never NaN.
+    and products, never NaN; a query whose scores are built from NaN or inf is NaN in out and in
+    every product it enters (attncap.nonfinite). B = 0 gives empty results. Not differentiable. Compiles with torch.compile(fullgraph=True).
     """
-    q4, k4, v4, shapes = check_tensors(q, k, v, layout)
-    mask, mask_kind, kpm = check_masks(attn_mask, key_padding_mask, shapes, q4.device)
+    _, _, _, shapes = check_tensors(q, k, v, layout)
+    check_masks(attn_mask, key_padding_mask, shapes, q.device)
     scale = _check_scale(scale, shapes.D)
+    _check_backend(backend, q.device)
     single = request is None or isinstance(request, MapRequest)
-    plans = [check_request(r, shapes) for r in ([] if request is None else [request] if single else request)]
-    selected = _selected_union(plans)
-    impl = _backend(backend, q4.device)
-    if layout == "bhsd":
-        out = torch.empty((shapes.B, shapes.H, shapes.Nq, shapes.Dv), dtype=q4.dtype, device=q4.device)
-        out4 = out
-    else:
-        out = torch.empty((shapes.B, shapes.Nq, shapes.H, shapes.Dv), dtype=q4.dtype, device=q4.device)
-        out4 = out.transpose(1, 2)
-    want_stats = any(s in p.stats for p in plans for s in ("entropy", "peak"))
-    masks = dict(mask=mask, mask_kind=mask_kind, key_padding=kpm, is_causal=bool(is_causal))
-    sel = None if selected is None else selected.to(q4.device)
-    if impl is cpu_path:
-        # The CPU path reduces every map in the forward's own pass: list them first, in map_of's order.
-        jobs = [job for plan in plans for job in _map_jobs(plan)]
-        lse, tokens, ent, peak, done = impl.forward(q4, k4, v4, out4, float(scale), selected=sel,
-                                                    want_stats=want_stats, maps=jobs, **masks)
-        finished = iter(done)
-
-        def map_of(qplan: AxisPlan, kplan: AxisPlan, heads_table: torch.Tensor) -> torch.Tensor:
-            return next(finished)
-    else:
-        lse, tokens, ent, peak = impl.forward(q4, k4, v4, out4, float(scale), selected=sel,
-                                              want_stats=want_stats, **masks)
-
-        def map_of(qplan: AxisPlan, kplan: AxisPlan, heads_table: torch.Tensor) -> torch.Tensor:
-            dev = q4.device
-            return impl.map_pass(q4, k4, lse, float(scale), qplan.to(dev), kplan.to(dev), heads_table.to(dev),
-                                 **masks)
-
-    results = [_products(plan, map_of, tokens, ent, peak, selected) for plan in plans]
+    plans = tuple(check_request(r, shapes) for r in (() if request is None else (request,) if single else request))
+    selected_union(plans)  # refuses too many distinct keys before any work
+    flat = torch.ops.attncap.attention(q, k, v, attn_mask, key_padding_mask, scale, bool(is_causal), layout,
+                                       backend, _encode(plans))
+    results = _unflatten(plans, flat[1:])
     if single:
-        return out, results[0] if results else {}
-    return out, results
+        return flat[0], results[0] if results else {}
+    return flat[0], results
 
 
 def maps_from_lse(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float | None = None,
                   attn_mask: torch.Tensor | None = None, is_causal: bool = False,
                   request: MapRequest | Sequence[MapRequest] = MapRequest(), *,
                   key_padding_mask: torch.Tensor | None = None, layout: str = "bhsd",
-                  backend: str = "auto") -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
+                  backend: str = "auto") -> Products | list[Products]:
     """The map products (map, rows, colsum) of attention whose forward ran elsewhere.
 
     For a flash forward attncap did not run (PyTorch SDPA's flash backend, flash-attn, FA3) that
@@ -103,36 +79,27 @@ def maps_from_lse(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: fl
     by tile from it. q, k, masks and request as in attncap.attention; lse float32 [B, H, Nq] in
     natural-log units (-inf for a fully masked query), as torch's _scaled_dot_product_flash_attention
     returns it. Token columns, entropy and peak ride on the forward: ask attncap.attention for those.
+    Compiles with torch.compile(fullgraph=True), like attncap.attention.
     """
-    q4, k4, _, shapes = check_tensors(q, k, k, layout)
+    _, _, _, shapes = check_tensors(q, k, k, layout)
     if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != (shapes.B, shapes.H, shapes.Nq) \
-            or lse.dtype != torch.float32 or lse.device != q4.device:
+            or lse.dtype != torch.float32 or lse.device != q.device:
         got = f"{tuple(lse.shape)} {lse.dtype} on {lse.device}" if isinstance(lse, torch.Tensor) else type(lse).__name__
-        raise ValueError(f"lse must be float32 [B, H, Nq] = {(shapes.B, shapes.H, shapes.Nq)} on {q4.device}; got {got}")
-    mask, mask_kind, kpm = check_masks(attn_mask, key_padding_mask, shapes, q4.device)
+        raise ValueError(f"lse must be float32 [B, H, Nq] = {(shapes.B, shapes.H, shapes.Nq)} on {q.device}; got {got}")
+    check_masks(attn_mask, key_padding_mask, shapes, q.device)
     scale = _check_scale(scale, shapes.D)
+    _check_backend(backend, q.device)
     single = isinstance(request, MapRequest)
-    plans = [check_request(r, shapes) for r in ([request] if single else request)]
+    plans = tuple(check_request(r, shapes) for r in ((request,) if single else request))
     for plan in plans:
         forward_only = [name for name, asked in (("keys", plan.selected is not None), ("entropy", "entropy" in plan.stats),
                                                  ("peak", "peak" in plan.stats)) if asked]
         if forward_only:
             raise ValueError(f"request asks for {forward_only}, which come from the forward pass; maps_from_lse "
                              "computes map, rows (queries=) and colsum: use attncap.attention for the others")
-    impl = _backend(backend, q4.device)
-    masks = dict(mask=mask, mask_kind=mask_kind, key_padding=kpm, is_causal=bool(is_causal))
-    if impl is cpu_path:
-        finished = iter(cpu_path.maps_from_lse(q4, k4, lse, float(scale),
-                                               [job for plan in plans for job in _map_jobs(plan)], **masks))
-
-        def map_of(qplan: AxisPlan, kplan: AxisPlan, heads_table: torch.Tensor) -> torch.Tensor:
-            return next(finished)
-    else:
-        def map_of(qplan: AxisPlan, kplan: AxisPlan, heads_table: torch.Tensor) -> torch.Tensor:
-            dev = q4.device
-            return impl.map_pass(q4, k4, lse, float(scale), qplan.to(dev), kplan.to(dev), heads_table.to(dev),
-                                 **masks)
-    results = [_products(plan, map_of, None, None, None, None) for plan in plans]
+    flat = torch.ops.attncap.maps_from_lse(q, k, lse, attn_mask, key_padding_mask, scale, bool(is_causal), layout,
+                                           backend, _encode(plans))
+    results = _unflatten(plans, flat)
     return results[0] if single else results
 
 
@@ -141,77 +108,213 @@ def _check_scale(scale: float | None, d: int) -> float:
         return d ** -0.5
     if not (isinstance(scale, (int, float)) and scale > 0):
         raise ValueError(f"scale must be a positive number or None (1/sqrt(D)); got {scale!r}")
-    return scale
+    return float(scale)
 
 
-def _products(plan: Plan, map_of, tokens, ent, peak, selected) -> dict[str, torch.Tensor]:
-    """One request's products: maps from map_of (in _map_jobs' order), the rest from the forward."""
-    products: dict[str, torch.Tensor] = {}
-    if plan.want_map:
-        products["map"] = map_of(plan.query, plan.key, plan.heads_table)
-    if plan.selected is not None:
-        columns = torch.searchsorted(selected, plan.selected).to(tokens.device)
-        products["tokens"] = reduce_per_query(tokens[..., columns], plan)
-    if plan.rows is not None:
-        products["rows"] = map_of(plan.rows, plan.key, plan.heads_table)
-    if "entropy" in plan.stats:
-        products["entropy"] = reduce_per_query(ent, plan)
-    if "peak" in plan.stats:
-        products["peak"] = reduce_per_query(peak, plan)
-    if "colsum" in plan.stats:
-        products["colsum"] = _colsum(products.get("map"), plan, map_of)
-    return products
+def _check_backend(name: str, device: torch.device) -> None:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {name!r}")
+    if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("backend='triton' on a CPU tensor needs TRITON_INTERPRET=1 set before attncap is imported; "
+                         "use backend='torch' (the chunked CPU path) or move the tensors to CUDA")
 
 
-def _map_jobs(plan: Plan) -> list[tuple[AxisPlan, AxisPlan, torch.Tensor]]:
-    """The map-pass calls _products makes for ``plan``, in its order."""
+def _encode(plans: tuple[Plan, ...]) -> str:
+    """The plans as a Python literal: the custom ops take them as a string argument."""
+    return repr(tuple(p.wire() for p in plans))
+
+
+@functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
+def _decode(text: str) -> tuple[Plan, ...]:
+    return tuple(Plan.from_wire(t) for t in ast.literal_eval(text))
+
+
+def _unflatten(plans: tuple[Plan, ...], flat: Sequence[torch.Tensor]) -> list[Products]:
+    """The op's flat list of products back into one dict per request, in product_shapes' order."""
+    results, at = [], 0
+    for plan in plans:
+        names = list(product_shapes(plan, 1))
+        results.append(dict(zip(names, flat[at:at + len(names)])))
+        at += len(names)
+    return results
+
+
+# ---- the custom ops' implementations: eager code on real tensors --------------------------------
+
+@dataclass(frozen=True)
+class _Tables:
+    """One plan's index tensors on one device."""
+    query: AxisPlan
+    key: AxisPlan
+    rows: AxisPlan | None
+    one_bin: AxisPlan | None      # the query range as a single bin: colsum without a map
+    heads: torch.Tensor           # int32 [G, HPG]
+    columns: torch.Tensor | None  # int64 [Ks]: each selected key's column among the forward's token columns
+
+
+@dataclass(frozen=True)
+class _CallTables:
+    tables: tuple[_Tables, ...]
+    selected: torch.Tensor | None  # int32 [S]: the sorted union of selected keys
+
+
+_TABLES: OrderedDict[tuple[str, torch.device], _CallTables] = OrderedDict()
+
+
+def _tables(text: str, device: torch.device) -> _CallTables:
+    """The index tensors of a call's plans on ``device``: built (and copied there) on first use,
+    then found by a dictionary lookup, so later calls copy nothing to the device and never wait on it."""
+    key = (text, device)
+    found = _TABLES.get(key)
+    if found is not None:
+        _TABLES.move_to_end(key)
+        return found
+    plans = _decode(text)
+    union = selected_union(plans)
+
+    def table(plan: Plan) -> _Tables:
+        q = plan.query
+        one_bin = None
+        if "colsum" in plan.stats and not plan.want_map:
+            n = q.stop - q.start
+            one_bin = AxisSpec(q.start, q.stop, (n,), (n,)).plan().to(device)
+        columns = None
+        if plan.selected is not None:
+            columns = torch.tensor([union.index(k) for k in plan.selected], dtype=torch.int64).to(device)
+        return _Tables(q.plan().to(device), plan.key.plan().to(device),
+                       None if plan.rows is None else plan.rows.plan().to(device), one_bin,
+                       torch.tensor(plan.heads, dtype=torch.int32).to(device), columns)
+
+    built = _CallTables(tuple(table(p) for p in plans),
+                        None if union is None else torch.tensor(union, dtype=torch.int32).to(device))
+    _TABLES[key] = built
+    if len(_TABLES) > PLAN_CACHE_SIZE:
+        _TABLES.popitem(last=False)
+    return built
+
+
+def _impl(name: str, device: torch.device) -> ModuleType:
+    if name == "torch" or (name == "auto" and device.type != "cuda"):
+        return cpu_path
+    from . import kernels
+    return kernels
+
+
+def _bhsd(x: torch.Tensor, layout: str) -> torch.Tensor:
+    return x if layout == "bhsd" else x.transpose(1, 2)
+
+
+def _map_jobs(plans: Sequence[Plan], tables: Sequence[_Tables]) -> list[tuple[AxisPlan, AxisPlan, torch.Tensor]]:
+    """Every map-pass call the plans need, in the order _products takes their results."""
     jobs = []
-    if plan.want_map:
-        jobs.append((plan.query, plan.key, plan.heads_table))
-    if plan.rows is not None:
-        jobs.append((plan.rows, plan.key, plan.heads_table))
-    if "colsum" in plan.stats and not plan.want_map:
-        jobs.append((_one_bin(plan.query), plan.key, plan.heads_table))
+    for plan, t in zip(plans, tables):
+        if plan.want_map:
+            jobs.append((t.query, t.key, t.heads))
+        if t.rows is not None:
+            jobs.append((t.rows, t.key, t.heads))
+        if t.one_bin is not None:
+            jobs.append((t.one_bin, t.key, t.heads))
     return jobs
 
 
-def _one_bin(qplan: AxisPlan) -> AxisPlan:
-    """The query range of a plan as a single bin (colsum without a map)."""
-    start, stop = int(qplan.perm.min()), int(qplan.perm.max()) + 1
-    return plan_range(start, stop, (stop - start,), (stop - start,))
+@torch.library.custom_op("attncap::attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                  key_padding_mask: torch.Tensor | None, scale: float, is_causal: bool, layout: str, backend: str,
+                  plans: str) -> list[torch.Tensor]:
+    """[out, then each plan's products in product_shapes' order]. Arguments as checked by attention()."""
+    q4, k4, v4 = (_bhsd(x, layout) for x in (q, k, v))
+    B, H, Nq, _ = q4.shape
+    call, decoded = _tables(plans, q.device), _decode(plans)
+    mask, mask_kind, kpm = mask_views(attn_mask, key_padding_mask, (B, H, Nq, k4.shape[2]))
+    masks = dict(mask=mask, mask_kind=mask_kind, key_padding=kpm, is_causal=is_causal)
+    out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)  # q's layout
+    if B == 0:  # an empty batch gives empty results, as SDPA does, on every backend
+        return [out] + _fake_products(q, plans)
+    want_stats = any(s in p.stats for p in decoded for s in ("entropy", "peak"))
+    jobs = _map_jobs(decoded, call.tables)
+    impl = _impl(backend, q.device)
+    if impl is cpu_path:
+        # The CPU path reduces every map in the forward's own pass.
+        lse, tokens, ent, peak, maps = impl.forward(q4, k4, v4, _bhsd(out, layout), scale, selected=call.selected,
+                                                    want_stats=want_stats, maps=jobs, **masks)
+    else:
+        lse, tokens, ent, peak = impl.forward(q4, k4, v4, _bhsd(out, layout), scale, selected=call.selected,
+                                              want_stats=want_stats, **masks)
+        maps = [impl.map_pass(q4, k4, lse, scale, qp, kp, heads, **masks) for qp, kp, heads in jobs]
+    done = iter(maps)
+    products = [x for p, t in zip(decoded, call.tables) for x in _products(p, t, done, tokens, ent, peak)]
+    bad = nonfinite.poisoned_rows(q4, k4, mask, mask_kind)  # one NaN policy for every backend
+    return [out] + nonfinite.poison(bad, _bhsd(out, layout), decoded, call.tables, products)
 
 
-def _selected_union(plans: list[Plan]) -> torch.Tensor | None:
-    """The sorted distinct keys all requests select: the forward computes their columns once."""
-    chosen = [p.selected for p in plans if p.selected is not None]
-    if not chosen:
-        return None
-    union = torch.unique(torch.cat(chosen))
-    if union.numel() > MAX_SELECTED_KEYS:
-        raise ValueError(f"the requests select {union.numel()} distinct keys together; the one-pass kernel takes "
-                         f"at most {MAX_SELECTED_KEYS}: split them over several calls or use key_range with map=True")
-    return union.to(torch.int32)
+@_attention_op.register_fake
+def _attention_fake(q, k, v, attn_mask, key_padding_mask, scale, is_causal, layout, backend, plans):
+    out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
+    return [out] + _fake_products(q, plans)
 
 
-def reduce_per_query(x: torch.Tensor, plan: Plan) -> torch.Tensor:
+@torch.library.custom_op("attncap::maps_from_lse", mutates_args=())
+def _maps_from_lse_op(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, attn_mask: torch.Tensor | None,
+                      key_padding_mask: torch.Tensor | None, scale: float, is_causal: bool, layout: str, backend: str,
+                      plans: str) -> list[torch.Tensor]:
+    """Each plan's products in product_shapes' order. Arguments as checked by maps_from_lse()."""
+    q4, k4 = _bhsd(q, layout), _bhsd(k, layout)
+    B, H, Nq, _ = q4.shape
+    call, decoded = _tables(plans, q.device), _decode(plans)
+    mask, mask_kind, kpm = mask_views(attn_mask, key_padding_mask, (B, H, Nq, k4.shape[2]))
+    masks = dict(mask=mask, mask_kind=mask_kind, key_padding=kpm, is_causal=is_causal)
+    jobs = _map_jobs(decoded, call.tables)
+    impl = _impl(backend, q.device)
+    if B == 0:
+        return _fake_products(q, plans)
+    if impl is cpu_path:
+        maps = cpu_path.maps_from_lse(q4, k4, lse, scale, jobs, **masks)
+    else:
+        maps = [impl.map_pass(q4, k4, lse, scale, qp, kp, heads, **masks) for qp, kp, heads in jobs]
+    done = iter(maps)
+    products = [x for p, t in zip(decoded, call.tables) for x in _products(p, t, done, None, None, None)]
+    return nonfinite.poison(nonfinite.poisoned_rows(q4, k4, mask, mask_kind, lse), None, decoded, call.tables, products)
+
+
+@_maps_from_lse_op.register_fake
+def _maps_from_lse_fake(q, k, lse, attn_mask, key_padding_mask, scale, is_causal, layout, backend, plans):
+    return _fake_products(q, plans)
+
+
+def _fake_products(q: torch.Tensor, plans: str) -> list[torch.Tensor]:
+    return [q.new_empty(shape, dtype=torch.float32)
+            for plan in _decode(plans) for shape in product_shapes(plan, q.shape[0]).values()]
+
+
+def _products(plan: Plan, t: _Tables, maps: Iterator[torch.Tensor], tokens, ent, peak) -> list[torch.Tensor]:
+    """One plan's products in product_shapes' order: maps from ``maps`` (in _map_jobs' order), the
+    rest from the forward's per-head, per-query outputs. Contiguous, as the fake implementation says."""
+    got: Products = {}
+    if plan.want_map:
+        got["map"] = next(maps)
+    if plan.selected is not None:
+        got["tokens"] = reduce_per_query(tokens[..., t.columns], t)
+    if plan.rows is not None:
+        got["rows"] = next(maps)
+    if "entropy" in plan.stats:
+        got["entropy"] = reduce_per_query(ent, t)
+    if "peak" in plan.stats:
+        got["peak"] = reduce_per_query(peak, t)
+    if "colsum" in plan.stats:
+        # Attention received per key bin, summed over the query range: from the map when there is one
+        # (sum over query bins of mean x bin count, exact), else from the query range as one bin.
+        if "map" in got:
+            got["colsum"] = (got["map"] * t.query.counts[:, None]).sum(2)
+        else:
+            got["colsum"] = next(maps)[:, :, 0] * float(t.one_bin.nslots)
+    return [got[name].contiguous() for name in product_shapes(plan, 1)]
+
+
+def reduce_per_query(x: torch.Tensor, t: _Tables) -> torch.Tensor:
     """Per-head, per-query values [B, H, Nq, ...] -> head groups and query bins [B, G, Qb, ...]."""
-    axis = plan.query.to(x.device)
-    x = x[:, :, axis.perm.long()]
-    x = x[:, plan.heads_table.to(x.device).long()].mean(2)
+    axis = t.query
+    x = x[:, :, axis.perm]
+    x = x[:, t.heads].mean(2)
     pooled = torch.zeros((x.shape[0], x.shape[1], axis.nbins) + tuple(x.shape[3:]), dtype=x.dtype, device=x.device)
-    pooled.index_add_(2, axis.bin_of_slot.long(), x)
-    counts = axis.counts.to(x.device).reshape((1, 1, -1) + (1,) * (x.dim() - 3))
-    return pooled / counts
-
-
-def _colsum(pooled_map: torch.Tensor | None, plan: Plan, map_of) -> torch.Tensor:
-    """Attention received per key bin, summed over the query range.
-
-    From the map when there is one (sum over query bins of mean * bin count, exact); otherwise
-    from the map pass with the whole query range as a single bin.
-    """
-    qplan = plan.query
-    if pooled_map is not None:
-        return (pooled_map * qplan.counts.to(pooled_map.device)[:, None]).sum(2)
-    one_bin = _one_bin(qplan)
-    return map_of(one_bin, plan.key, plan.heads_table)[:, :, 0] * float(one_bin.nslots)
+    pooled.index_add_(2, axis.bin_of_slot, x)
+    return pooled / axis.counts.reshape((1, 1, -1) + (1,) * (x.dim() - 3))
