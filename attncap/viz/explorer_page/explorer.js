@@ -119,7 +119,7 @@
   // the picture (or black), the map over it with the page's opacity, an optional marker
   function paint(canvas, vals, grid, vmax, marker) {
     const [H, W] = canvasSize(grid);
-    if (canvas.width !== W || canvas.height !== H) { canvas.width = W; canvas.height = H; }
+    if (canvas.width !== W || canvas.height !== H) { canvas.width = W; canvas.height = H; canvas.parentElement.style.width = W + "px"; }
     const ctx = canvas.getContext("2d"), pic = picture(S.frame);
     ctx.fillStyle = "#000"; ctx.fillRect(0, 0, W, H);
     if (pic) {
@@ -150,6 +150,7 @@
   const maxOf = (v) => v.reduce((a, b) => (b > a ? b : a), 0);
   const stepText = (s) => { const t = D.steps.find((x) => x.step === s); return "step " + s + (t && t.timestep != null ? ` (t = ${+t.timestep.toPrecision(4)})` : ""); };
   const short = (name) => name.replace(/^(unet|transformer_2|transformer)\./, "");
+  const rel = (r) => String(r).replace("->", "\u2192");
 
   function drawMain() {
     if (!words.length) return;
@@ -172,7 +173,7 @@
     colorbar("colorbar", "ticks", vmax, S.scale === "steps" ? "attention weight (scale: this word and layer over all steps)" : "attention weight (scale: this map)");
     const head = S.head === "mean" ? (e.heads ? "mean of heads " + e.heads.join(",") : "head mean") : "head " + S.head;
     $("caption").innerHTML = `<b>${esc(w.text)}</b>${w.occurrence > 1 ? " (occurrence " + w.occurrence + ")" : ""} · ` +
-      `${esc(short(S.layer))} · ${e.relation} · ${stepText(S.step)}` + (S.branch != null ? ` · ${S.branch}` : "") +
+      `${esc(short(S.layer))} · ${rel(e.relation)} · ${stepText(S.step)}` + (S.branch != null ? ` · ${S.branch}` : "") +
       ` · ${head} · grid ${grid.join("×")}` + (grid.length === 3 ? ` · map frame ${Math.round(tf * grid[0] - 0.5)}` : "");
     drawBars();
   }
@@ -201,7 +202,7 @@
     paint($("self"), vals, g, vmax, point);
     colorbar("self-colorbar", "self-ticks", vmax, "attention weight");
     $("self-caption").innerHTML = `where (y ${point[0].toFixed(2)}, x ${point[1].toFixed(2)}) attends · ${esc(short(S.selfLayer))} · ` +
-      `${r.entry.relation} · ${stepText(S.step)}` + (r.entry.branch != null ? ` · ${r.entry.branch}` : "") + ` · grid ${g.join("×")}`;
+      `${rel(r.entry.relation)} · ${stepText(S.step)}` + (r.entry.branch != null ? ` · ${r.entry.branch}` : "") + ` · grid ${g.join("×")}`;
     $("self-note").textContent = S.selfPoint ? "" : "Showing the centre; click the picture above to choose a position.";
   }
   function drawGen() {
@@ -218,7 +219,7 @@
     paint($("gen"), v, e.kgrid, vmax);
     colorbar("gen-colorbar", "gen-ticks", vmax, "attention weight");
     $("gen-caption").innerHTML = `token ${s}: <b>${esc(JSON.stringify(G.tokens[S.genStep]))}</b> · ${esc(short(S.genLayer))} · ` +
-      `${G.relation} · ${(100 * e.mass).toFixed(1)}% of its attention on the picture`;
+      `${rel(G.relation)} · ${(100 * e.mass).toFixed(1)}% of its attention on the picture`;
   }
   function redraw() { drawMain(); drawSelf(); drawGen(); syncControls(); }
   const esc = (t) => String(t).replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" }[c]));
@@ -277,7 +278,7 @@
       $("scale").onchange = () => { S.scale = $("scale").value; redraw(); };
       const at = (ev) => { const r = $("main").getBoundingClientRect(); return [(ev.clientY - r.top) / r.height, (ev.clientX - r.left) / r.width]; };
       $("main").onmousemove = (ev) => { S.hover = at(ev); drawBars(); };
-      $("main").onclick = (ev) => { S.selfPoint = at(ev); redraw(); if (D.self.length) $("self-section").scrollIntoView({ block: "nearest" }); };
+      $("main").onclick = (ev) => { S.selfPoint = at(ev); redraw(); };
       if (!D.self.length) $("bars").insertAdjacentHTML("afterend", '<div class="hint">No image→image maps were captured, so clicking shows no self-attention (capture relations="image->text,image->image").</div>');
     }
     if (D.self.length) {
