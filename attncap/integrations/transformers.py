@@ -37,6 +37,7 @@ The permuted path materialises a bool mask [B, 1, Nq, Nk] for causal prefill of 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import sys
@@ -452,6 +453,10 @@ class TransformersCapture:
             q, k, v, attn_mask = with_sink(q, k, v, attn_mask, is_causal, sinks, scale)
             is_causal = False
             layout = CallLayout(layout.queries, layout.keys + (Segment("sink", nk, nk + 1),))
+        if qperm is not None or kperm is not None:  # relations="full" records are put back in sequence order
+            korder = kperm if kperm is None or sinks is None else \
+                torch.cat([kperm, torch.full_like(kperm[..., :1], nk)], -1)  # the sink key stays last
+            layout = dataclasses.replace(layout, query_order=qperm, key_order=korder)
         out = self.session.capture_call(layer, layout, defaults, q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                         scale=scale)
         if out is None:
