@@ -160,3 +160,16 @@ def test_two_ranks_ulysses_ring_and_heads_not_divisible(tmp_path):
 
 def test_four_ranks_unified_and_ring(tmp_path):
     _spawn(4, [("unified 2x2", "wan", 2, 2, 2, False), ("ring 4", "wan", 1, 4, 2, False)], tmp_path)
+
+
+def test_an_xdit_processor_is_refused_with_the_alternative():
+    """xfuser cannot be imported without an accelerator; a processor class from an "xfuser" module stands in."""
+    import attncap
+
+    model = _model(2)
+    proc_class = type("xFuserWanAttnProcessor", (), {"__module__": "xfuser.model_executor.layers.attention_processor",
+                                                     "__call__": lambda self, attn, *a, **k: None})
+    model.blocks[0].attn1.processor = proc_class()
+    with pytest.raises(ValueError, match="enable_parallelism"):
+        with attncap.capture(model):
+            pass

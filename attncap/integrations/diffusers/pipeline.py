@@ -78,6 +78,7 @@ class DiffusersCapture:
                     seen.append(layer)
                     if not config.wants_layer(layer):
                         continue
+                    _refuse_xdit(layer, attn.processor)
                     why = family.unsupported(layer)
                     if why is None:
                         self._wrap(layer, family, attn, states)
@@ -177,15 +178,15 @@ class DiffusersCapture:
         """Wrap the pipeline's encode_prompt (on the instance) so the store learns the prompt's tokens:
         token_map("cat") and the pictures' labels then work without any user step. Prompt embeddings
         passed directly (prompt=None) leave store.tokens as the user set it."""
-        pipe, store = self.pipeline, self.session.store
+        pipe = self.pipeline
         original = getattr(pipe, "encode_prompt", None)
         if original is None or "encode_prompt" in vars(pipe):
             return
 
         def encode_prompt(*args, **kwargs):
             prompt = kwargs.get("prompt", args[0] if args else None)
-            if store.tokens is None and prompt is not None:
-                store.tokens = _prompt_tokens(pipe, prompt, kwargs.get("max_sequence_length"))
+            if prompt is not None:  # each pipeline call's own prompt, kept for that call's records
+                self.session.prompt_tokens(_prompt_tokens(pipe, prompt, kwargs.get("max_sequence_length")))
             return original(*args, **kwargs)
 
         pipe.encode_prompt = encode_prompt
@@ -205,6 +206,17 @@ class DiffusersCapture:
         self._hooks.clear()
         self._swapped.clear()
         self._layers.clear()
+
+
+def _refuse_xdit(layer: str, processor: Any) -> None:
+    """xDiT (xfuser) replaces diffusers' processors with its own parallel ones, whose attention runs in
+    xfuser's ring/Ulysses kernels; attncap does not intercept those yet."""
+    module = type(processor).__module__ or ""
+    if module.split(".")[0] == "xfuser":
+        raise ValueError(f"{layer} runs xDiT's {type(processor).__name__}: attncap cannot capture xfuser's parallel "
+                         "attention yet. Capture on diffusers' own context parallelism instead "
+                         "(transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=..., "
+                         "ring_degree=...))), which attncap captures exactly, or on one GPU")
 
 
 def check_relations(relations, families: list[Family]) -> None:
