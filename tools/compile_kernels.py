@@ -1,80 +1,150 @@
-"""Compile every kernel variant for real GPU targets on a machine without a GPU.
+"""Compile the kernels exactly as the runtime launches them, for GPU targets, without a GPU.
 
-The interpreter (TRITON_INTERPRET=1) checks what the kernels compute, not that they compile:
-shapes, types and layouts that only the GPU compiler sees. This script compiles each variant
-ahead of time for sm_80 (A100) and sm_90 (H100/H200) through Triton's own ptxas, and reports
-registers, spills and shared memory per variant (ptxas -v), so a variant that would spill or not
-fit is visible without a GPU; it exits with an error when a variant needs more shared memory than
-the architecture allows (that launch would fail on the GPU).
+The interpreter (TRITON_INTERPRET=1) checks what the kernels compute, not what the GPU compiler
+makes of them. This script runs the real launchers (attncap.kernels.forward / map_pass) on meta
+tensors of real model shapes (WAN 2.1 480p self and cross attention, Flux, SD, ...), records each
+launch instead of running it (kernels.configs.compiling_for), and compiles it through Triton's own
+argument specialisation (its JIT binder: integer arguments equal to 1 become constants, those
+divisible by 16 and 16-byte aligned pointers get divisibility hints), with the launch config the
+runtime would pick for that architecture. Per variant it reports ptxas registers, spills and
+shared memory, whether the loads of the kernel's loops are pipelined (asynchronous copies that
+stay in flight across iterations, read from the TTGIR) and whether the dots use wgmma (sm_90).
+It exits with an error when a variant needs more shared memory than the architecture allows (the
+launch would fail on the GPU).
 
-    python tools/compile_kernels.py [--arch 90] [--json out.json]
+    python tools/compile_kernels.py [--arch 90] [--only wan] [--json out.json]
+                                    [--write-results benchmarks/RESULTS.md]
+
+Needs a Triton whose JIT has the binder API (triton.runtime.jit.create_function_from_signature and
+JITFunction._pack_args, Triton >= 3.4); the kernels themselves support Triton >= 3.2.
 """
 from __future__ import annotations
 
 import argparse
-import inspect
+import datetime
 import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
+import types
+from dataclasses import dataclass, field
 from pathlib import Path
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("run without TRITON_INTERPRET=1: the interpreter does not compile")
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
 
-from attncap.kernels.configs import SHARED_LIMIT, forward_config, map_config  # noqa: E402
-from attncap.kernels.forward import attn_fwd_kernel  # noqa: E402
-from attncap.kernels.map_pass import attn_map_kernel  # noqa: E402
+try:
+    from triton.runtime.jit import create_function_from_signature  # noqa: E402
+except ImportError:  # pragma: no cover - older Triton
+    sys.exit(f"triton {triton.__version__} lacks the JIT binder API this script uses; use Triton >= 3.4")
 
-POINTERS = {
-    "attn_fwd_kernel": {"Q": "in", "K": "in", "V": "in", "O": "in", "LSE": "*fp32", "MASK": "*u8", "KPM": "*u8",
-                        "SEL": "*i32", "TOK": "*fp32", "ENT": "*fp32", "PEAK": "*fp32"},
-    "attn_map_kernel": {"Q": "in", "K": "in", "LSE": "*fp32", "MASK": "*u8", "KPM": "*u8", "OUT": "*fp32",
-                        "HEADS": "*i32", "QPERM": "*i32", "QBIN": "*i32", "QSTART": "*i32", "QCOUNT": "*fp32",
-                        "KPERM": "*i32", "KBIN": "*i32", "KSTART": "*i32", "KCOUNT": "*fp32"},
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from attncap.kernels import configs, forward, map_pass  # noqa: E402
+from attncap.layouts import plan_indices, plan_range  # noqa: E402
 
-
-def _variants():
-    """(name, kernel, dtype, constexprs, launch config) for the shapes the models use."""
-    gpu = type("Dev", (), {"type": "cuda"})()
-    for dtype in ("bf16", "fp16", "fp32"):
-        for d in (40, 64, 72, 80, 128, 160, 256):
-            bd = max(16, triton.next_power_of_2(d))
-            for n_sel, stats in ((0, False), (16, True), (128, True)):
-                cfg = forward_config(d, d, n_sel, gpu, 4 if dtype == "fp32" else 2)
-                yield (f"fwd-{dtype}-d{d}-sel{n_sel}", attn_fwd_kernel, dtype, dict(
-                    HEAD_D=d, HEAD_DV=d, BLOCK_D=bd, BLOCK_DV=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                    BLOCK_S=max(16, n_sel), IS_CAUSAL=False, MASK_KIND=0, HAS_KPM=False, HAS_SEL=n_sel > 0,
-                    WANT_STATS=stats, DOT_F32=False), cfg)
-            for pool_q, pool_k in ((False, False), (True, True), (False, True)):
-                cfg = map_config(d, pool_q, pool_k, gpu)
-                yield (f"map-{dtype}-d{d}-pool{int(pool_q)}{int(pool_k)}", attn_map_kernel, dtype, dict(
-                    HEAD_D=d, BLOCK_D=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                    BLOCK_QB=32 if pool_q else cfg.block_m, BLOCK_KB=32 if pool_k else cfg.block_n,
-                    POOL_Q=pool_q, POOL_K=pool_k, IS_CAUSAL=True, MASK_KIND=1, HAS_KPM=True, DOT_F32=False), cfg)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def _signature(kernel, dtype: str, constexprs: dict) -> dict:
-    sig = {}
-    for name in inspect.signature(kernel.fn).parameters:
-        ptr = POINTERS[kernel.fn.__name__].get(name)
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif ptr is not None:
-            sig[name] = f"*{dtype}" if ptr == "in" else ptr
-        elif name == "scale_log2":
-            sig[name] = "fp32"
+@dataclass(frozen=True)
+class Variant:
+    """One launch: a kernel at a model's shape. grid/pool are (t,) h, w of the image tokens."""
+    name: str
+    kind: str              # "fwd" or "map"
+    dtype: str
+    H: int
+    Nq: int
+    Nk: int
+    D: int
+    n_sel: int = 0
+    stats: bool = False
+    masks: bool = False    # boolean mask + key padding + causal
+    qgrid: tuple | None = None
+    kgrid: tuple | None = None
+    pool: tuple | None = None
+    colsum: bool = False   # map pass with the whole query range as one bin (colsum without a map)
+    extra: dict = field(default_factory=dict)
+
+
+WAN = (21, 30, 52)
+FLUX = (64, 72)
+VARIANTS = [
+    Variant("fwd-wan480-self-bf16-d128-plain", "fwd", "bf16", 40, 32760, 32760, 128),
+    Variant("fwd-wan480-self-bf16-d128-stats", "fwd", "bf16", 40, 32760, 32760, 128, stats=True),
+    Variant("fwd-wan480-cross-bf16-d128-sel16", "fwd", "bf16", 40, 32760, 512, 128, n_sel=16),
+    Variant("fwd-flux-joint-bf16-d128-sel128", "fwd", "bf16", 24, 4608, 4608, 128, n_sel=128, stats=True),
+    Variant("fwd-sd15-self-fp16-d40-stats", "fwd", "fp16", 8, 4096, 4096, 40, stats=True),
+    Variant("fwd-sdxl-cross-fp16-d64-sel8", "fwd", "fp16", 10, 16384, 77, 64, n_sel=8, stats=True),
+    Variant("fwd-gen-fp16-d72-sel16", "fwd", "fp16", 16, 4096, 4096, 72, n_sel=16, stats=True),
+    Variant("fwd-gen-bf16-d256-stats", "fwd", "bf16", 8, 4096, 4096, 256, stats=True),
+    Variant("fwd-gen-fp32-d128-sel16", "fwd", "fp32", 8, 4096, 4096, 128, n_sel=16, stats=True),
+    Variant("fwd-masked-bf16-d128-sel16", "fwd", "bf16", 8, 4096, 4096, 128, n_sel=16, stats=True, masks=True),
+    Variant("map-wan480-self-bf16-d128-pool144", "map", "bf16", 40, 32760, 32760, 128, qgrid=WAN, kgrid=WAN,
+            pool=(1, 4, 4)),
+    Variant("map-wan480-cross-bf16-d128-poolq", "map", "bf16", 40, 32760, 512, 128, qgrid=WAN, pool=(1, 4, 4)),
+    Variant("map-wan480-self-bf16-d128-colsum", "map", "bf16", 40, 32760, 32760, 128, colsum=True),
+    Variant("map-flux-joint-bf16-d128-pool4", "map", "bf16", 24, 4608, 4608, 128, qgrid=FLUX, kgrid=FLUX, pool=(4, 4)),
+    Variant("map-sd15-self-fp16-d40-pool4", "map", "fp16", 8, 4096, 4096, 40, qgrid=(64, 64), kgrid=(64, 64),
+            pool=(4, 4)),
+    Variant("map-gen-bf16-d256-pool4", "map", "bf16", 8, 4096, 4096, 256, qgrid=(64, 64), kgrid=(64, 64), pool=(4, 4)),
+    Variant("map-gen-fp32-d128-pool4", "map", "fp32", 8, 4096, 4096, 128, qgrid=(64, 64), kgrid=(64, 64), pool=(4, 4)),
+    Variant("map-masked-bf16-d128-unpooled", "map", "bf16", 8, 1024, 1024, 128, masks=True),
+]
+
+
+def _meta_plan(plan):
+    """The AxisPlan on the meta device; its bin sizes stay host facts (nothing is read back)."""
+    biggest = plan.max_bin_size()
+    return types.SimpleNamespace(perm=plan.perm.to("meta"), bin_of_slot=plan.bin_of_slot.to("meta"),
+                                 bin_start=plan.bin_start.to("meta"), counts=plan.counts.to("meta"),
+                                 pooled=plan.pooled, nbins=plan.nbins, nslots=plan.nslots,
+                                 max_bin_size=lambda: biggest)
+
+
+def _plan(n: int, grid, pool):
+    return plan_range(0, n, grid, pool) if pool is not None and grid is not None else plan_range(0, n, None, None)
+
+
+def _record_launches(v: Variant, arch: int) -> list[tuple]:
+    """Run the launcher of ``v`` on meta tensors (BSHD views, as diffusers passes q, k, v)."""
+    dt = DTYPES[v.dtype]
+    meta = dict(device="meta", dtype=dt)
+    q = torch.empty(1, v.Nq, v.H, v.D, **meta).transpose(1, 2)
+    k = torch.empty(1, v.Nk, v.H, v.D, **meta).transpose(1, 2)
+    mask = torch.empty(1, 1, v.Nq, v.Nk, device="meta", dtype=torch.uint8).expand(1, v.H, v.Nq, v.Nk) \
+        if v.masks else None
+    kpm = torch.empty(1, v.Nk, device="meta", dtype=torch.uint8) if v.masks else None
+    masks = dict(mask=mask, mask_kind=1 if v.masks else 0, key_padding=kpm, is_causal=v.masks)
+    launches: list[tuple] = []
+    with configs.compiling_for(arch, lambda *launch: launches.append(launch)):
+        if v.kind == "fwd":
+            sel = torch.empty(v.n_sel, device="meta", dtype=torch.int32) if v.n_sel else None
+            forward(q, k, torch.empty_like(k), torch.empty_like(q), v.D ** -0.5, selected=sel,
+                    want_stats=v.stats, **masks)
         else:
-            sig[name] = "i32"
-    return sig
+            qplan = plan_range(0, v.Nq, (v.Nq,), (v.Nq,)) if v.colsum else _plan(v.Nq, v.qgrid, v.pool)
+            kplan = _plan(v.Nk, v.kgrid, v.pool)
+            heads = torch.empty(1, v.H, device="meta", dtype=torch.int32)
+            lse = torch.empty(1, v.H, v.Nq, device="meta", dtype=torch.float32)
+            map_pass(q, k, lse, v.D ** -0.5, _meta_plan(qplan), _meta_plan(kplan), heads, **masks)
+    return launches
+
+
+def _compile(kernel, args: tuple, kwargs: dict, arch: int):
+    """triton.compile with the signature, constants and attributes the runtime's binder derives."""
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
 
 
 def _ptxas_usage(ptx: str, arch: int) -> dict:
@@ -90,17 +160,35 @@ def _ptxas_usage(ptx: str, arch: int) -> dict:
             "spill_loads": grab(r"(\d+) bytes spill loads")}
 
 
+def _pipelining(ttgir: str, ptx: str) -> dict:
+    """Loads Triton's software pipeliner turned into asynchronous copies (cp.async or TMA into
+    shared memory) inside a loop body: those are issued for a later iteration while the current
+    one computes, i.e. the loop's loads are pipelined. A loop whose loads stay plain ld.global
+    waits for them at the top of every iteration."""
+    depth, loop_depths, in_loop = 0, [], 0
+    for line in ttgir.splitlines():
+        if "scf.for" in line:
+            loop_depths.append(depth)
+        if re.search(r"ttg\.async_copy_global_to_local|ttng\.async_tma_copy_global_to_local", line) and loop_depths:
+            in_loop += 1
+        depth += line.count("{") - line.count("}")
+        while loop_depths and depth <= loop_depths[-1]:
+            loop_depths.pop()
+    return {"loop_async_copies": in_loop, "pipelined": in_loop > 0, "wgmma": "wgmma.mma_async" in ptx}
+
+
 def compile_all(arch: int, only: str | None = None) -> list[dict]:
     rows = []
-    for name, kernel, dtype, constexprs, cfg in _variants():
-        if only and only not in name:
+    for v in VARIANTS:
+        if only and only not in v.name:
             continue
-        src = ASTSource(kernel, _signature(kernel, dtype, constexprs), constexprs)
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                  options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-        rows.append({"variant": name, "arch": f"sm_{arch}", "shared_bytes": compiled.metadata.shared,
-                     "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
-                     **_ptxas_usage(compiled.asm["ptx"], arch)})
+        for kernel, grid, args, kwargs in _record_launches(v, arch):
+            compiled = _compile(kernel, args, kwargs, arch)
+            rows.append({"variant": v.name, "arch": f"sm_{arch}", "grid": list(grid),
+                         "shared_bytes": compiled.metadata.shared, "num_warps": kwargs["num_warps"],
+                         "num_stages": kwargs["num_stages"], "block_m": kwargs["BLOCK_M"], "block_n": kwargs["BLOCK_N"],
+                         **_ptxas_usage(compiled.asm["ptx"], arch),
+                         **_pipelining(compiled.asm["ttgir"], compiled.asm["ptx"])})
     return rows
 
 
@@ -114,49 +202,44 @@ def main() -> None:
     args = parser.parse_args()
     rows = compile_all(args.arch, args.only)
     for r in rows:
-        print(f"{r['variant']:28s} {r['arch']} regs {r['registers']:3d} spill st/ld {r['spill_stores']}/{r['spill_loads']} "
-              f"shared {r['shared_bytes']} warps {r['num_warps']} stages {r['num_stages']}")
+        print(f"{r['variant']:36s} {r['arch']} regs {r['registers']:3d} spill st/ld {r['spill_stores']}/{r['spill_loads']} "
+              f"shared {r['shared_bytes']} tile {r['block_m']}x{r['block_n']} warps {r['num_warps']} "
+              f"stages {r['num_stages']} pipelined {'yes' if r['pipelined'] else 'no'} wgmma {'yes' if r['wgmma'] else 'no'}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     if args.write_results:
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
         from attncap.report import replace_section
 
         replace_section(args.write_results, results_section(rows, args.arch))
     # Compiling succeeds past the shared-memory limit; the launch would fail on the GPU. Fail here.
-    over = [r for r in rows if r["shared_bytes"] > SHARED_LIMIT[args.arch]]
+    over = [r for r in rows if r["shared_bytes"] > configs.SHARED_LIMIT[args.arch]]
     for r in over:
         print(f"{r['variant']}: {r['shared_bytes']} bytes of shared memory, over sm_{args.arch}'s "
-              f"{SHARED_LIMIT[args.arch]}", file=sys.stderr)
+              f"{configs.SHARED_LIMIT[args.arch]}", file=sys.stderr)
     if over:
         sys.exit(1)
 
 
 def results_section(rows: list[dict], arch: int) -> str:
-    """Markdown: spill-free variants per kernel and dtype, and every variant that spills."""
-    import datetime
-
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for r in rows:
-        kernel, dtype = r["variant"].split("-")[:2]
-        groups.setdefault((kernel, dtype), []).append(r)
+    """Markdown: one row per variant."""
     lines = [f"## Kernel compile report (ptxas, sm_{arch}, no GPU needed)", "",
-             f"{datetime.date.today().isoformat()}, triton {triton.__version__}: every kernel variant compiled ahead of "
-             f"time for sm_{arch} by `python tools/compile_kernels.py --arch {arch} --write-results "
-             "benchmarks/RESULTS.md` (ptxas -v). Variants: forward (fwd) by dtype, head dim and selected-key "
-             "count; map pass (map) by dtype, head dim and pooling (pool<query><key>).", "",
-             "| kernel | dtype | variants | spill-free | max registers | max shared KiB |", "|---|---|---:|---:|---:|---:|"]
-    for (kernel, dtype), rs in sorted(groups.items()):
-        free = sum(r["spill_stores"] == 0 and r["spill_loads"] == 0 for r in rs)
-        lines.append(f"| {kernel} | {dtype} | {len(rs)} | {free} | {max(r['registers'] for r in rs)} | "
-                     f"{max(r['shared_bytes'] for r in rs) / 1024:.0f} |")
-    spills = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
-    over = [r["variant"] for r in rows if r["shared_bytes"] > SHARED_LIMIT[arch]]
-    lines += ["", f"Shared memory limit of sm_{arch}: {SHARED_LIMIT[arch] // 1024} KiB per block; over it: "
-              f"{', '.join(over) if over else 'none'}."]
-    lines += ["", "Variants that spill (stores/loads in bytes):" if spills else "No variant spills.", ""]
-    lines += [f"- {r['variant']}: {r['spill_stores']}/{r['spill_loads']} ({r['registers']} registers, "
-              f"{r['num_warps']} warps, {r['num_stages']} stages)" for r in spills]
+             f"{datetime.date.today().isoformat()}, triton {triton.__version__}, torch {torch.__version__}: "
+             f"`python tools/compile_kernels.py --arch {arch} --write-results benchmarks/RESULTS.md` runs the real "
+             "launchers on meta tensors at each shape (q, k, v as BSHD views, as diffusers passes them), compiles "
+             "each launch with the runtime's own argument specialisation and launch config for this architecture, "
+             "and reads ptxas -v. *pipelined*: the loop loads are asynchronous copies with a wait that leaves "
+             "copies in flight (read from the TTGIR); *wgmma*: the dots use Hopper's warpgroup MMA. Compile facts, "
+             "not timings.", "",
+             "| variant | tile | warps | stages | registers | spills st/ld (B) | shared KiB | pipelined | wgmma |",
+             "|---|---|---:|---:|---:|---:|---:|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['block_m']}x{r['block_n']} | {r['num_warps']} | {r['num_stages']} | "
+                     f"{r['registers']} | {r['spill_stores']}/{r['spill_loads']} | {r['shared_bytes'] / 1024:.0f} | "
+                     f"{'yes' if r['pipelined'] else 'no'} | {'yes' if r['wgmma'] else 'no'} |")
+    spills = [r["variant"] for r in rows if r["spill_stores"] or r["spill_loads"]]
+    over = [r["variant"] for r in rows if r["shared_bytes"] > configs.SHARED_LIMIT[arch]]
+    lines += ["", f"Spilling variants: {', '.join(spills) if spills else 'none'}. Over sm_{arch}'s "
+              f"{configs.SHARED_LIMIT[arch] // 1024} KiB of shared memory per block: {', '.join(over) if over else 'none'}."]
     return "\n".join(lines) + "\n"
 
 
