@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -96,6 +97,11 @@ class Capture:
             session = self._session = CaptureSession(self.config, store, backend=self.backend, cp_store=self.cp_store)
             self._installed = _integration_for(self.target, session, self.layout)
             self._installed.install()
+            from .integrations.generic import GenericCapture
+
+            if isinstance(self._installed, GenericCapture):
+                # its SDPA interception (a TorchFunctionMode) sees only the calls of the thread that entered
+                session.state.thread = threading.current_thread()
         except BaseException:
             self._close()
             raise

@@ -31,7 +31,8 @@ SEED = int(os.environ.get("ATTNCAP_SEED", int.from_bytes(os.urandom(4), "little"
 
 
 def pytest_report_header(config):
-    return f"attncap random seed: ATTNCAP_SEED={SEED}"
+    fuzz = os.environ.get("ATTNCAP_FUZZ_SEED", "17")  # tests/test_fuzz.py: hypothesis, derandomised
+    return f"attncap random seed: ATTNCAP_SEED={SEED}; fuzz seed: ATTNCAP_FUZZ_SEED={fuzz}"
 
 
 @pytest.fixture(autouse=True)
