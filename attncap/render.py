@@ -33,11 +33,20 @@ from . import analysis as A
 from . import viz
 from .report import collect_stats, write_report
 from .store import Store
-from .viz.core import as_frames, as_rgb, heat_tile, safe_name, save_png, strip
+from .viz.core import as_frames, as_rgb, safe_name, save_png, scaled_heat_tile, short_layer, strip
 
 
 def _dir_name(text: str) -> str:
     return safe_name(text.replace("->", "_to_"), 120)
+
+
+def _tree_title(r) -> str:
+    """'down1.a0.t0.attn2 · image->text map · step 3 (t = 667) · cond · head mean'."""
+    heads = "head mean" if r.heads == "mean" else "mean of heads " + ",".join(map(str, r.heads)) \
+        if not isinstance(r.heads, str) else "mean of all heads"
+    return " · ".join([short_layer(r.layer), f"{r.relation} {r.kind}",
+                       f"step {r.step}" + (f" (t = {r.timestep:.4g})" if r.timestep is not None else "")]
+                      + ([r.branch] if r.branch else []) + [heads])
 
 
 def render_tree(store: Store, out_dir: str | Path, words: list[tuple[str, list[int]]], branch: str | None = None,
@@ -65,13 +74,14 @@ def render_tree(store: Store, out_dir: str | Path, words: list[tuple[str, list[i
                 continue
             arr = np.stack([m.numpy() for _, m in kept])
             flat = [m if m.dim() == 2 else m.mean(0) for _, m in kept]
-            pic = strip([heat_tile(m, tile) for m in flat], [lab for lab, _ in kept])
+            pic = strip([scaled_heat_tile(m, tile) for m in flat], [lab for lab, _ in kept], title=_tree_title(r))
         else:
             m = record_map(r, None, batch)
             if m is None:
                 continue
             arr = m.numpy()
-            pic = heat_tile(m if m.dim() == 2 else m.mean(0), tile)
+            what = {"map": "attention received per position", "colsum": "attention received per key"}.get(r.kind, r.kind)
+            pic = strip([scaled_heat_tile(m if m.dim() == 2 else m.mean(0), tile)], [what], title=_tree_title(r))
         d = root / _dir_name(r.layer) / _dir_name(f"{r.relation}-{r.kind}")
         d.mkdir(parents=True, exist_ok=True)
         stem = f"step_{r.step:03d}" + (f"_{r.branch}" if r.branch not in (None, "cond") else "")
@@ -143,7 +153,7 @@ def render_all(store: Store, out_dir: str | Path, image: Any = None, words: Any 
             np.save(out / "words" / f"{name}.npy", m.numpy().astype(np.float32))
             paths.append(out / "words" / f"{name}.npy")
             flat = m if m.dim() == 2 else m.mean(0)
-            paths.append(save_png(heat_tile(flat, 256, smooth=False), out / "words" / f"{name}.png"))
+            paths.append(save_png(scaled_heat_tile(flat, 256), out / "words" / f"{name}.png"))
             if img is not None:
                 paths.append(save_png(viz.overlay(img, flat), out / "words" / f"{name}_overlay.png"))
         p = out / "token_heatmaps.png"

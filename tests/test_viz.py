@@ -17,7 +17,7 @@ import torch
 from attncap import Record, Store, viz
 from attncap import analysis as A
 from attncap.render import render_all
-from attncap.viz.core import grid
+from attncap.viz.core import grid, text_width
 from test_analysis import GIRAFFE, LAYERS, RED, STEPS, blob, close, planted_store, text_map
 
 GREY = np.full((96, 144, 3), 128, np.uint8)
@@ -62,9 +62,11 @@ def brightness(img, box) -> float:
 
 
 def label_matches(img, box, text, size=13) -> bool:
-    """The label drawn under a tile is exactly ``text`` in the grid's font."""
-    ref = grid([[np.zeros((4, box[3] - box[2], 3), np.uint8)]], [[text]], pad=0)
-    ref = ref[4:4 + size + 5]
+    """The label drawn under a tile is exactly ``text`` in the grid's font (not cut short: the cell
+    may be wider than the tile, with its colour bar beside it)."""
+    w = text_width(text, size) + 2
+    ref = grid([[np.zeros((4, w, 3), np.uint8)]], [[text]], pad=0)
+    ref = ref[4:4 + size + 5, :w]
     got = img[box[1]:box[1] + ref.shape[0], box[2]:box[2] + ref.shape[1]]
     return got.shape == ref.shape and np.array_equal(got, ref)
 
@@ -159,6 +161,25 @@ def test_head_grid_tiles_show_each_heads_own_spot(tmp_path):
     assert len(boxes) == 3
     for box, s, h in zip(boxes, spots, (0, 3, 5)):
         assert close(hot_spot(img, box), s, 0.1) and label_matches(img, box, f"head {h}")
+
+
+def test_heatmaps_carry_colour_bars_with_their_scale(store):
+    from attncap.render import _tree_title
+    from attncap.viz.core import colorbar, lut, value_range
+
+    bar = colorbar(0.0, 0.5, 100)
+    assert np.array_equal(bar[0, 0], lut()[255]) and np.array_equal(bar[-1, 0], lut()[0])  # top = max
+    img = viz.token_heatmaps(store, tile=120)
+    words = viz.resolve_words(store)
+    for box in panels(img):  # the bar 3 pixels right of each tile spans the map's range
+        x = box[3] + 3
+        assert np.array_equal(img[box[0], x], lut()[255]) and np.array_equal(img[box[1] - 1, x], lut()[0])
+    assert len(panels(img)) == len(words)
+    agg = A.aggregate(store)
+    lo, hi = value_range(agg.word([3, 4]))
+    assert lo < hi and np.isclose(hi, float(agg.word([3, 4]).max()))
+    (r,) = store.get(layer=LAYERS[0][0], step=1, branch="cond")
+    assert _tree_title(r) == "down0.a0.t0.attn2 · image->text map · step 1 (t = 666) · cond · head mean"
 
 
 def test_montage_is_layers_by_steps(store, tmp_path):

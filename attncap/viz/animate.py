@@ -16,7 +16,7 @@ import torch
 from .. import analysis as A
 from ..store import Store, _resize
 from .core import (BG, as_frames, as_rgb, colorize, fit, font, grid, heat_tile, lut, normalize, overlay, resize,
-                   text_width, to_numpy)
+                   short_layer, text_width, to_numpy, value_range, with_colorbar)
 from .figures import resolve_words
 
 
@@ -110,16 +110,20 @@ def evolution_frames(store: Store, words: Any = None, image: Any = None, size=No
         series.append(maps if maps.dim() == 3 else maps.mean(1))
     ts = _timesteps(store)
     img = None if image is None else fit(image, tile)
+    recs = A.text_records(store, relation, layer, None, branch)
+    n_layers = len({r.layer for r in recs})
+    what = f"{recs[0].relation}, " + (f"mean of {n_layers} layers" if n_layers > 1 else short_layer(recs[0].layer))
+    what += ", colour scale per word over all steps" if scale == "word" else ", colour scale per frame"
     frames = []
     for i, s in enumerate(tqdm(steps, desc="attncap: evolution", leave=False, disable=not progress)):
         tiles = []
         for maps in series:
-            vmin, vmax = (float(maps.min()), float(maps.max())) if scale == "word" else (None, None)
             m = maps[i]
-            tiles.append(heat_tile(m, tile, cmap, vmin, vmax) if img is None else overlay(img, m, cmap=cmap,
-                                                                                        vmin=vmin, vmax=vmax))
+            vmin, vmax = (float(maps.min()), float(maps.max())) if scale == "word" else value_range(m)
+            pic = heat_tile(m, tile, cmap, vmin, vmax) if img is None else overlay(img, m, cmap=cmap, vmin=vmin, vmax=vmax)
+            tiles.append(with_colorbar(pic, vmin, vmax, cmap))
         t = ts.get(s)
-        title = f"step {s}" + (f"  (t = {t:.4g})" if t is not None else "")
+        title = f"step {s} ({i + 1} of {len(steps)})" + (f", t = {t:.4g}" if t is not None else "") + f"  ·  {what}"
         frames.append(grid([tiles], [[lab for lab, _ in chosen]], title=title))
     return frames
 
@@ -221,7 +225,9 @@ def generation_frames(store: Store, tokens: Sequence[str] | None = None, image: 
     frames = []
     for i, s in enumerate(steps):
         m = maps[i] if maps[i].dim() == 2 else maps[i].mean(0)
-        left = heat_tile(m, tile, cmap, vmin, vmax, smooth=True) if img is None else overlay(img, m, cmap=cmap)
+        left = heat_tile(m, tile, cmap, vmin, vmax, smooth=True) if img is None else overlay(img, m, cmap=cmap,
+                                                                                            vmin=vmin, vmax=vmax)
+        left = with_colorbar(left, vmin, vmax, cmap)
         right = _token_panel(tokens[: i + 1], colours[: i + 1], i, width=int(tile * 1.5), height=left.shape[0])
         title = f"token {s}: {tokens[i]!r}  (attention to image {float(mass[i]):.2f})"
         frames.append(grid([[left, right]], [["attention over the image", "generated text (colour: image attention)"]],

@@ -240,6 +240,53 @@ def legend(names: Sequence[str], colours: Sequence[Sequence[int]], width: int, s
     return np.asarray(canvas)
 
 
+def value_range(m: Any, vmin: float | None = None, vmax: float | None = None) -> tuple[float, float]:
+    """The (low, high) that normalize/colorize use for this map: its min and max unless given."""
+    a = to_numpy(m)
+    lo = float(np.nanmin(a)) if vmin is None else float(vmin)
+    hi = float(np.nanmax(a)) if vmax is None else float(vmax)
+    return lo, hi
+
+
+def _tick(v: float) -> str:
+    return "0" if v == 0 else f"{v:.3g}" if 1e-3 <= abs(v) < 1e4 else f"{v:.1e}"
+
+
+def colorbar(vmin: float, vmax: float, height: int, cmap: str = "inferno", size: int = 10) -> np.ndarray:
+    """A vertical colour bar [height, w, 3] on white: vmax at the top, vmin at the bottom, the middle
+    value between, so a heatmap beside it can be read as numbers."""
+    from PIL import Image, ImageDraw
+
+    labels = [_tick(v) for v in (vmax, (vmin + vmax) / 2, vmin)]
+    bar_w, gap = 8, 3
+    width = bar_w + gap + max(text_width(t, size) for t in labels) + 2
+    height = max(height, 3 * (size + 2))
+    canvas = Image.new("RGB", (width, height), (BG, BG, BG))
+    ramp = lut(cmap)[np.linspace(255, 0, height).round().astype(np.int64)]          # top = high
+    canvas.paste(Image.fromarray(np.ascontiguousarray(np.repeat(ramp[:, None], bar_w, 1))), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for text, y in zip(labels, (0, (height - size) // 2, height - size - 2)):
+        draw.text((bar_w + gap, y), text, fill=(0, 0, 0), font=font(size))
+    return np.asarray(canvas)
+
+
+def with_colorbar(img: np.ndarray, vmin: float, vmax: float, cmap: str = "inferno") -> np.ndarray:
+    """The picture with its colour bar on the right (3 white pixels between)."""
+    bar = colorbar(vmin, vmax, img.shape[0], cmap)
+    h = max(img.shape[0], bar.shape[0])
+    out = np.full((h, img.shape[1] + 3 + bar.shape[1], 3), BG, np.uint8)
+    out[:img.shape[0], :img.shape[1]] = img[..., :3]
+    out[:bar.shape[0], img.shape[1] + 3:] = bar
+    return out
+
+
+def scaled_heat_tile(m: Any, tile: int = 128, cmap: str = "inferno", vmin=None, vmax=None,
+                     smooth: bool = False) -> np.ndarray:
+    """heat_tile with the colour bar of its scale beside it."""
+    lo, hi = value_range(m, vmin, vmax)
+    return with_colorbar(heat_tile(m, tile, cmap, lo, hi, smooth), lo, hi, cmap)
+
+
 def draw_marker(img: np.ndarray, yx: tuple[float, float], colour=(0, 255, 255), size: int = 7) -> np.ndarray:
     """A cross at fractional position (y, x) in [0, 1]."""
     out = img.copy()

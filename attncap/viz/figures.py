@@ -15,8 +15,8 @@ import torch
 from .. import analysis as A
 from ..prompts import split_words
 from ..store import Record, Store
-from .core import (as_rgb, draw_marker, fit, grid, heat_tile, legend, overlay, resize, save_png, short_layer, strip,
-                   tile_shape)
+from .core import (as_rgb, colorbar, draw_marker, fit, grid, heat_tile, legend, overlay, resize, save_png, scaled_heat_tile,
+                   short_layer, strip, tile_shape, value_range, with_colorbar)
 
 GROUP_COLOURS = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
                           [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212]], np.uint8)
@@ -26,6 +26,19 @@ def _out(img: np.ndarray, path) -> np.ndarray:
     if path is not None:
         save_png(img, path)
     return img
+
+
+def _selection(recs: Sequence[Record]) -> str:
+    """'image->text, mean of 7 layers x 12 steps (0-11), heads averaged': what a picture aggregates."""
+    if not recs:
+        return "no records"
+    layers = list(dict.fromkeys(r.layer for r in recs))
+    steps = sorted({r.step for r in recs})
+    rels = ", ".join(dict.fromkeys(r.relation for r in recs))
+    where = short_layer(layers[0]) if len(layers) == 1 else f"mean of {len(layers)} layers"
+    when = f"step {steps[0]}" if len(steps) == 1 else f"{len(steps)} steps ({steps[0]}-{steps[-1]})"
+    branch = {r.branch for r in recs} - {None}
+    return f"{rels}, {where} x {when}" + (f", {'/'.join(sorted(branch))}" if branch else "") + ", heads averaged"
 
 
 def _is_pair(w: Any) -> bool:
@@ -84,13 +97,15 @@ def token_heatmaps(store: Store, words: Any = None, image: Any = None, path: str
     vmax = float(max(m.max() for m in maps)) if shared_scale else None
     vmin = 0.0 if shared_scale else None
     first = [m if m.dim() == 2 else m.mean(0) for m in maps]  # video maps: mean over time
-    rows = [[heat_tile(m, tile, cmap, vmin, vmax) for m in first]]
+    scales = [value_range(m, vmin, vmax) for m in first]
+    rows = [[scaled_heat_tile(m, tile, cmap, lo, hi) for m, (lo, hi) in zip(first, scales)]]
     labels = [[lab for lab, _ in chosen]]
     if image is not None:
         img = fit(image, tile)
-        rows.append([overlay(img, m, cmap=cmap, vmin=vmin, vmax=vmax) for m in first])
+        rows.append([with_colorbar(overlay(img, m, cmap=cmap, vmin=lo, vmax=hi), lo, hi, cmap)
+                     for m, (lo, hi) in zip(first, scales)])
         labels.append(["" for _ in chosen])
-    title = title or f"attention to each word (head mean over {agg.records} record{'s' * (agg.records > 1)})"
+    title = title or f"attention to each word: {_selection(A.text_records(store, relation, layer, step, branch))}"
     return _out(grid(rows, labels, title=title), path)
 
 
@@ -133,7 +148,10 @@ def head_grid(store: Store, word: Any = None, point: Sequence[float] | None = No
     tiles = [heat_tile(m, tile, cmap) if image is None else overlay(fit(image, tile), m, cmap=cmap) for m in maps]
     if point is not None and r0.key_grid is not None:
         tiles = [draw_marker(t, point[-2:]) for t in tiles]
-    title = f"{short_layer(r0.layer)} {r0.relation}: {what}, per head ({len(recs)} record{'s' * (len(recs) > 1)})"
+    tiles = [with_colorbar(t, *value_range(m), cmap) for t, m in zip(tiles, maps)]
+    steps = sorted({r.step for r in recs})
+    when = f"step {steps[0]}" if len(steps) == 1 else f"mean of steps {steps[0]}-{steps[-1]}"
+    title = f"{short_layer(r0.layer)} {r0.relation}: {what}, per head, {when}"
     return _out(strip(tiles, [f"head {h}" for h in heads], ncols, title), path)
 
 
@@ -181,22 +199,34 @@ def montage(store: Store, word: Any = None, path=None, relation: str | None = No
     steps = sorted({r.step for r in recs})
     if len(steps) > max_steps:
         steps = [steps[round(i * (len(steps) - 1) / (max_steps - 1))] for i in range(max_steps)]
+    total = len({r.step for r in recs})
     by = {(r.layer, r.step): r for r in recs}
     img = None if image is None else as_rgb(image)
+    maps = {}
+    for layer in layers:
+        for s in steps:
+            r = by.get((layer, s))
+            m = None if r is None else record_map(r, keys, batch)
+            if m is not None:
+                maps[layer, s] = m if m.dim() == 2 else m.mean(0)
+    if not maps:
+        raise ValueError("no records with a spatial axis to montage")
+    # one colour scale for every tile, so a weak layer or an early step looks weak
+    lo, hi = 0.0, max(float(m.max()) for m in maps.values())
     rows = []
     for layer in layers:
         row = []
         for s in steps:
-            r = by.get((layer, s))
-            m = None if r is None else record_map(r, keys, batch)
-            if m is not None and m.dim() == 3:
-                m = m.mean(0)
-            row.append(None if m is None else heat_tile(m, tile, cmap) if img is None else
-                       overlay(fit(img, tile), m, cmap=cmap))
+            m = maps.get((layer, s))
+            row.append(None if m is None else heat_tile(m, tile, cmap, lo, hi) if img is None else
+                       overlay(fit(img, tile), m, cmap=cmap, vmin=lo, vmax=hi))
         rows.append(row)
-    title = f"{what}: layers x steps ({recs[0].relation})"
-    return _out(grid(rows, col_labels=[f"step {s}" for s in steps], row_labels=[short_layer(x) for x in layers],
+    rows[0].append(colorbar(lo, hi, tile, cmap))
+    shown = f"steps {', '.join(map(str, steps))}" + (f" ({len(steps)} of {total})" if len(steps) < total else "")
+    title = f"{what}: layers x steps ({recs[0].relation}, heads averaged; {shown}; one colour scale)"
+    return _out(grid(rows, col_labels=[f"step {s}" for s in steps] + [""], row_labels=[short_layer(x) for x in layers],
                      title=title), path)
+
 
 
 def self_attention(store: Store, points: Sequence[Sequence[float]] | None = None, path=None, image: Any = None,
@@ -210,10 +240,10 @@ def self_attention(store: Store, points: Sequence[Sequence[float]] | None = None
         m = A.query_row(store, p, size, relation, layer, step, branch, batch)
         m = m if m.dim() == 2 else m.mean(0)
         t = heat_tile(m, tile, cmap) if image is None else overlay(fit(image, tile), m, cmap=cmap)
-        tiles.append(draw_marker(t, p[-2:]))
+        tiles.append(with_colorbar(draw_marker(t, p[-2:]), *value_range(m), cmap))
         labels.append(f"query ({p[-2]:.2f}, {p[-1]:.2f})")
-    n = len(A.spatial_records(store, relation, layer, step, branch))
-    return _out(strip(tiles, labels, title=f"self-attention of query points (mean over {n} records)"), path)
+    recs = A.spatial_records(store, relation, layer, step, branch)
+    return _out(strip(tiles, labels, title=f"where each query point attends: {_selection(recs)}"), path)
 
 
 def groups_view(store: Store, groups: dict[str, Sequence[Any]], path=None, image: Any = None, size=None,
