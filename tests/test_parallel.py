@@ -64,6 +64,25 @@ def _calls(family: str):
                              return_dict=False)[0] for c in texts]
 
 
+def _wan22(heads: int, seed: int = 0):
+    """A tiny Wan 2.2 pipeline: transformer for the high-noise step, transformer_2 for the low-noise one."""
+    from tiny_transformers import tiny_wan
+
+    return tiny_wan(seed=seed, two=True)
+
+
+def _pipe_call(pipe):
+    from tiny_transformers import wan_inputs
+
+    # 64 x 80 pixels: a 3 x 4 x 5 video token grid, which 2 ranks split evenly
+    return pipe(**{**wan_inputs(height=64, width=80, steps=2), "output_type": "latent"}).frames
+
+
+def _enable(model, config) -> None:
+    for m in ([model.transformer, model.transformer_2] if hasattr(model, "transformer_2") else [model]):
+        m.enable_parallelism(config=config)
+
+
 def _run(model, family: str, options: dict, parallel=None):
     """Capture the calls of one step; (records by key, outputs). parallel: a ContextParallelConfig to
     enable inside the block (capture first, enable_parallelism second)."""
@@ -71,8 +90,8 @@ def _run(model, family: str, options: dict, parallel=None):
 
     with attncap.capture(model, **options) as store, torch.no_grad():
         if parallel is not None:
-            model.enable_parallelism(config=parallel)
-        outs = [call(model) for call in _calls(family)]
+            _enable(model, parallel)
+        outs = [_pipe_call(model)] if family == "wan22" else [call(model) for call in _calls(family)]
     records = {(r.layer, r.step, r.branch, r.relation, r.kind): r.data for r in store.records}
     return records, outs
 
@@ -95,7 +114,7 @@ def _worker(rank: int, world: int, port: int, layouts: list, out_dir: str) -> No
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
         references = {}
         for name, family, ulysses, ring, heads, anything in layouts:
-            build = _model if family == "wan" else _flux
+            build = {"wan": _model, "flux": _flux, "wan22": _wan22}[family]
             checks = CHECKS if family == "wan" else CHECKS[:1]
             for i, options in enumerate(checks):
                 if (family, heads, i) not in references:
@@ -106,8 +125,8 @@ def _worker(rank: int, world: int, port: int, layouts: list, out_dir: str) -> No
                 if i == 1:  # capture first, enable_parallelism inside the block: the order does not matter
                     records, outs = _run(model, family, options, parallel=config)
                 else:
-                    model.enable_parallelism(config=config)
-                    if ring == 1:  # diffusers' ring needs an LSE, which its native backend has not on CPU
+                    _enable(model, config)
+                    if ring == 1 and family != "wan22":  # diffusers' ring needs an LSE (none on CPU natively)
                         with torch.no_grad():
                             plain = _calls(family)[0](model)
                         torch.testing.assert_close(ref_outs[0], plain, atol=1e-5, rtol=1e-5)
@@ -155,7 +174,8 @@ def test_two_ranks_ulysses_ring_and_heads_not_divisible(tmp_path):
     # ranks, which diffusers runs with ulysses_anything=True
     _spawn(2, [("ulysses", "wan", 2, 1, 2, False), ("ring", "wan", 1, 2, 2, False),
                ("ulysses, 3 heads", "wan", 2, 1, 3, True), ("flux ulysses", "flux", 2, 1, 2, False),
-               ("flux ring", "flux", 1, 2, 2, False)], tmp_path)
+               ("flux ring", "flux", 1, 2, 2, False), ("wan 2.2 pipeline, ulysses", "wan22", 2, 1, 2, False)],
+           tmp_path)
 
 
 def test_four_ranks_unified_and_ring(tmp_path):
