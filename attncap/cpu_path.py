@@ -1,153 +1,403 @@
-"""The CPU path: chunked PyTorch computing exactly what the Triton kernels compute.
+"""The torch path: chunked PyTorch computing exactly what the Triton kernels compute, on any device.
 
-forward() takes the arguments of attncap.kernels.forward (and maps=), so attncap.ops calls either
-the same way. Memory stays bounded: scores exist only for a chunk of queries at a time, sized so a
-chunk's [B, H, chunk, Nk] float32 block fits in WORKSPACE_BYTES.
+attncap.ops runs it for CPU tensors and for any device without Triton kernels (Apple MPS, ...).
+It uses only device-generic torch ops, makes every per-call tensor on the inputs' device and reads
+no device value back to the host (the plans' index tables are host data: a table that lives on
+another device is copied to the host once and the copy kept, see _host). The one CPU-only op,
+PyTorch's fused CPU flash forward, runs only on CPU tensors. An op with no kernel on the device
+raises NotImplementedError naming the device.
 
-Unlike a GPU kernel, a CPU chunk holds every key of its queries, so the probabilities are final
-there: forward(maps=[...]) reduces them into the requested maps in the same pass, where the GPU
-kernels recompute Q K^T in a second pass (kernels.map_pass) from the LSE.
+forward() takes the arguments of attncap.kernels.forward plus ``maps`` and returns its items plus
+the maps; maps_from_lse() is the map pass from a given LSE. Both work tile by tile: a tile is a
+block of batches, a block of key heads (with their query heads) and a block of query rows, with
+EVERY key of those rows, so its probabilities are final and every product reduces from them in the
+same pass (the GPU kernels need a second pass for maps). What keeps it near the cost of SDPA alone:
 
-Shape legend: B batch, H query heads, Hk key heads, Nq, Nk, D, Dv, S selected keys, c chunk.
+* scores come out of the matmul in log2 units (the queries carry scale * log2(e)): torch's exp2 is
+  several times faster than its exp on CPU. Then m = max, exp2(S - m) in place, l = sum, P = E / l;
+  the LSE is m + log2(l), the peak 1 / l and the entropy ln 2 * (log2 l - sum_j P_j (S_j - m)): no log
+  of P, no extra pass beyond one dot per row;
+* the score columns follow the first pooled key axis of the request ("ragged slot-major": slot s of
+  every bin that has one, bins sorted by size), so a pooled key axis is a few view-and-sum
+  reductions over a middle axis (no one-hot matmul, no scatter, no padded keys), and an unpooled
+  key range is a slice; head means reduce before key pooling, query pooling comes last;
+* tiles target the cache (TILE_BYTES); tiles, K/V copies and temporaries stay within
+  ``workspace_bytes`` (WORKSPACE_BYTES by default): peak extra memory is the products plus that.
+
+Shape legend: B batch, H query heads, Hk key heads, G = H // Hk query heads per key head, Nq, Nk,
+D, Dv; a tile is [bb, hb * G, c, Ncol] with Ncol = Nk score columns in the layout's order.
 """
 from __future__ import annotations
+
+import functools
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 
 from .layouts import AxisPlan
 
-WORKSPACE_BYTES = 256 * 2**20
+WORKSPACE_BYTES = 64 * 2**20   # default bound on a call's working memory beyond its inputs and products
+TILE_BYTES = 4 * 2**20         # one fp32 score tile: sized for the cache (measured, benchmarks/RESULTS.md)
+MIN_ROWS = 256                 # query rows a tile keeps before it splits heads or batches instead
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+NEG = -1e30  # a masked score: exp2 makes it 0 and, unlike -inf, 0 * (NEG - m) stays 0 in the entropy
+
+_HOST_CACHE: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
 
-def _chunk_rows(per_row_bytes: int, n: int) -> int:
-    return max(1, min(n, WORKSPACE_BYTES // max(1, per_row_bytes)))
+def _host(t: torch.Tensor) -> torch.Tensor:
+    """A plan table on the CPU. attncap.ops caches its plans per device, so a table from another
+    device is copied once (one device read, on the first call of a plan) and kept here."""
+    if t.device.type == "cpu":
+        return t
+    hit = _HOST_CACHE.get(id(t))
+    if hit is not None and hit[0] is t:
+        return hit[1]
+    _HOST_CACHE[id(t)] = (t, t.cpu())  # holding t keeps its id from being reused while cached
+    if len(_HOST_CACHE) > 512:
+        _HOST_CACHE.popitem(last=False)
+    return _HOST_CACHE[id(t)][1]
 
 
-def _scores(q_rows: torch.Tensor, k_cols: torch.Tensor, scale: float, tm: torch.Tensor, tn: torch.Tensor,
-            mask, mask_kind: int, key_padding, is_causal: bool) -> torch.Tensor:
-    """Masked natural-log scores [B, H, c, n] for query tokens tm and key tokens tn (fp32)."""
-    B, H, c, D = q_rows.shape
-    Hk = k_cols.shape[1]
-    # GQA without copying keys per query head: group query heads under their key head. The scale
-    # goes on the queries, c x D numbers instead of the c x n scores.
-    s = torch.matmul((q_rows.float() * scale).reshape(B, Hk, H // Hk * c, D), k_cols.float().transpose(-1, -2))
-    s = s.reshape(B, H, c, -1)
-    if mask_kind == 2:
-        s += mask[:, :, tm][:, :, :, tn].float()
-    drop = None
-    if is_causal:
-        drop = tn[None, :] > tm[:, None]
-    if mask_kind == 1:
-        off = mask[:, :, tm][:, :, :, tn] == 0
-        drop = off if drop is None else drop | off
-    if key_padding is not None:
-        off = (key_padding[:, tn] == 0)[:, None, None, :]
-        drop = off if drop is None else drop | off
-    return s if drop is None else s.masked_fill_(drop, float("-inf"))
+def _device_errors(fn):
+    """Turn torch's 'no kernel for this backend' errors into one that names the device."""
+    @functools.wraps(fn)
+    def wrapper(q: torch.Tensor, *args, **kwargs):
+        try:
+            return fn(q, *args, **kwargs)
+        except NotImplementedError as e:
+            raise NotImplementedError(
+                f"attncap's torch path needs an op that has no kernel on device '{q.device}' ({e}). "
+                "Run it on the CPU (move q, k, v there), or on MPS set PYTORCH_ENABLE_MPS_FALLBACK=1") from e
+    return wrapper
+
+
+@dataclass
+class _Columns:
+    """The order of a tile's score columns: a permutation of the keys.
+
+    token   long [Ncol] on the device: key token of each column (None: the identity order)
+    pos     long [Nk] on the host: column of each key token
+    plan    the pooled key axis the order serves (None: identity)
+    groups  (first column, slots, bins) blocks: slot s of each of the first ``bins`` bins by size,
+            for ``slots`` consecutive slots; summing a block over its slots pools those bins
+    unsort  long [nb]: bins by size -> bin order (None when bins are already in order)
+    """
+    token: torch.Tensor | None
+    pos: torch.Tensor
+    plan: AxisPlan | None
+    groups: list[tuple[int, int, int]]
+    unsort: torch.Tensor | None
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., Ncol] -> [..., nb]: sums over the bins of ``plan``."""
+        first, slots, n = self.groups[0]
+        out = x[..., first:first + slots * n].unflatten(-1, (slots, n)).sum(-2)
+        for first, slots, n in self.groups[1:]:
+            out[..., :n] += x[..., first:first + slots * n].unflatten(-1, (slots, n)).sum(-2)
+        return out if self.unsort is None else out.index_select(-1, self.unsort)
+
+
+def _columns(maps, Nk: int, device: torch.device) -> _Columns:
+    """The column order: that of the first pooled key axis among ``maps``, else the identity."""
+    pooled = next((kp for _, kp, _ in maps if kp.pooled), None)
+    if pooled is None:
+        return _Columns(None, torch.arange(Nk), None, [], None)
+    perm, starts = _host(pooled.perm).long(), _host(pooled.bin_start).long()
+    counts = starts[1:] - starts[:-1]
+    order = torch.sort(counts, descending=True, stable=True).indices
+    by_size = counts[order]
+    blocks, groups, first, s = [], [], 0, 0
+    while s < int(by_size[0]):
+        n = int((by_size > s).sum())
+        stop = int(by_size[n - 1])  # the smallest of these n bins: slots s..stop-1 exist in all n
+        slots = torch.arange(s, stop)
+        blocks.append(perm[(starts[order[:n]][None, :] + slots[:, None]).reshape(-1)])
+        groups.append((first, stop - s, n))
+        first += (stop - s) * n
+        s = stop
+    inside = torch.zeros(Nk, dtype=torch.bool)
+    inside[perm] = True
+    token = torch.cat(blocks + [torch.arange(Nk)[~inside]])
+    pos = torch.empty(Nk, dtype=torch.long)
+    pos[token] = torch.arange(Nk)
+    unsort = None if bool((order == torch.arange(order.numel())).all()) else torch.argsort(order).to(device)
+    return _Columns(token.to(device), pos, pooled, groups, unsort)
 
 
 class _MapJob:
-    """One map accumulated during the forward: float32 [B, G, Qb, Kb] from normalised chunk rows."""
+    """One map [B, G, Qb, Kb] accumulated tile by tile from final probabilities.
 
-    def __init__(self, qplan: AxisPlan, kplan: AxisPlan, heads_table: torch.Tensor, B: int, Nq: int, Nk: int):
-        self.qplan, self.kplan = qplan, kplan
-        self.table = heads_table.long()
-        self.hpg = heads_table.shape[1]
-        self.bin_of_query = torch.full((Nq,), -1, dtype=torch.long)
-        self.bin_of_query[qplan.perm.long()] = qplan.bin_of_slot.long()
-        kperm = kplan.perm.long()
-        lo, hi = int(kperm.min()), int(kperm.max()) + 1
-        # Key axes are ranges: slice them (a view) and pool by each key's bin, no gather of the chunk.
-        contiguous = hi - lo == kperm.numel()
-        self.keys = slice(lo, hi) if contiguous else kperm
-        key_bins = torch.empty(Nk, dtype=torch.long)
-        key_bins[kperm] = kplan.bin_of_slot.long()
-        self.key_bins = key_bins[lo:hi] if contiguous else kplan.bin_of_slot.long()
-        # Columns come out in bin order: only an unpooled, ascending key range is already in it.
-        ascending = contiguous and bool((kperm == torch.arange(lo, hi)).all())
-        self.bin_keys = kplan.pooled or not ascending
-        self.total = torch.zeros((B, heads_table.shape[0], qplan.nbins, kplan.nbins), dtype=torch.float32)
+    ``rows`` (host, ascending) are the query tokens of the pass, in the order tiles take them.
+    """
 
-    def add(self, probs: torch.Tensor, tm: torch.Tensor) -> None:
-        """probs [B, H, c, Nk]: the normalised probabilities of query tokens tm."""
-        bins = self.bin_of_query[tm]
-        inside = bins >= 0
-        if not bool(inside.any()):
+    def __init__(self, qplan: AxisPlan, kplan: AxisPlan, heads_table: torch.Tensor, cols: _Columns,
+                 rows: torch.Tensor, B: int, device: torch.device):
+        table = _host(heads_table).long()
+        self.G, self.hpg = table.shape
+        self.heads = table
+        self.all_heads = self.G == 1 and bool((table[0] == torch.arange(self.hpg)).all())
+        # Key side: the layout's own pooled axis, a slice of columns, or a gather (any other axis).
+        kperm = _host(kplan.perm).long()
+        colidx = cols.pos[kperm]
+        self.key_mode = "pool" if kplan is cols.plan else "slice" if not kplan.pooled and bool(
+            (colidx == torch.arange(int(colidx[0]), int(colidx[0]) + colidx.numel())).all()) else "gather"
+        self.key_slice = slice(int(colidx[0]), int(colidx[0]) + colidx.numel())
+        self.key_cols = colidx.to(device)
+        self.key_bins = _host(kplan.bin_of_slot).long().to(device)
+        self.kb = kplan.nbins
+        # Query side: (position in rows, bin) pairs sorted by position; a tile takes a run of them.
+        qperm = _host(qplan.perm).long()
+        pos = torch.searchsorted(rows, qperm)
+        order = torch.argsort(pos, stable=True)
+        self.pair_pos, pair_bin = pos[order], _host(qplan.bin_of_slot).long()[order]
+        n = order.numel()
+        self.rows_contiguous = bool((self.pair_pos == torch.arange(int(self.pair_pos[0]), int(self.pair_pos[0]) + n)).all())
+        self.bins_contiguous = self.rows_contiguous and bool((pair_bin == torch.arange(n)).all())
+        self.one_bin = qplan.nbins == 1
+        self.pair_pos_dev, self.pair_bin_dev = self.pair_pos.to(device), pair_bin.to(device)
+        self.qb = qplan.nbins
+        self.total = torch.zeros((B, self.G, qplan.nbins, kplan.nbins), dtype=torch.float32, device=device)
+        self.scale = None
+        if qplan.pooled or kplan.pooled:
+            qc, kc = qplan.counts.to(device).float(), kplan.counts.to(device).float()
+            self.scale = (qc[:, None] * kc[None, :]).reciprocal_()
+
+    def add(self, p: torch.Tensor, b0: int, b1: int, h0: int, h1: int, s: int, e: int, cols: _Columns) -> None:
+        """p [bb, h1 - h0, e - s, Ncol]: probabilities of batches b0:b1, query heads h0:h1 and rows[s:e]."""
+        i0, i1 = torch.searchsorted(self.pair_pos, torch.tensor([s, e])).tolist()
+        if i0 == i1:
             return
-        p = probs[..., self.keys]
-        if not bool(inside.all()):
-            p = p[:, :, inside]
-        p = p.sum(1, keepdim=True) if self.table.shape[0] == 1 and self.hpg == p.shape[1] else p[:, self.table].sum(2)
-        if self.bin_keys:
-            p = torch.zeros(p.shape[:3] + (self.kplan.nbins,)).index_add_(3, self.key_bins, p)
-        self.total.index_add_(2, bins[inside], p)
+        for groups, x in self._heads(p, h0, h1):
+            if self.rows_contiguous:
+                a = int(self.pair_pos[i0]) - s
+                x = x[:, :, a:a + i1 - i0]
+            else:
+                x = x.index_select(2, self.pair_pos_dev[i0:i1] - s)
+            x = self._keys(x, cols)
+            dest = self.total[b0:b1, groups]
+            alpha = 1.0 / self.hpg
+            if self.one_bin:
+                dest[:, :, 0].add_(x.sum(2), alpha=alpha)
+            elif self.bins_contiguous:  # unpooled query range in ascending order: pair i is bin i
+                dest[:, :, i0:i1].add_(x, alpha=alpha)
+            else:
+                dest.index_add_(2, self.pair_bin_dev[i0:i1], x, alpha=alpha)
+
+    def _heads(self, p: torch.Tensor, h0: int, h1: int):
+        """(groups of total, [bb, n, c, Ncol] sums of their heads in h0:h1) for this tile's heads."""
+        if self.all_heads:
+            yield slice(0, 1), (p.sum(1, keepdim=True) if p.shape[1] > 1 else p)
+            return
+        inside = (self.heads >= h0) & (self.heads < h1)
+        if self.hpg == 1:
+            g = torch.nonzero(inside[:, 0])[:, 0]
+            if g.numel():
+                heads = self.heads[g, 0] - h0
+                if heads.numel() == h1 - h0 and bool((heads == torch.arange(h1 - h0)).all()) \
+                        and int(g[-1]) - int(g[0]) == g.numel() - 1:
+                    yield slice(int(g[0]), int(g[-1]) + 1), p  # "all": every head is its own group
+                    return
+                for gi, hi in zip(g.tolist(), heads.tolist()):
+                    yield slice(gi, gi + 1), p[:, hi:hi + 1]
+            return
+        for gi in range(self.G):
+            mine = self.heads[gi][inside[gi]] - h0
+            if mine.numel():
+                yield slice(gi, gi + 1), p.index_select(1, mine.to(p.device)).sum(1, keepdim=True)
+
+    def _keys(self, x: torch.Tensor, cols: _Columns) -> torch.Tensor:
+        if self.key_mode == "pool":
+            return cols.pool(x)
+        if self.key_mode == "slice":
+            return x[..., self.key_slice]
+        x = x.index_select(-1, self.key_cols)
+        if self.kb == x.shape[-1]:
+            return x
+        return x.new_zeros(x.shape[:-1] + (self.kb,)).index_add_(-1, self.key_bins, x)
 
     def result(self) -> torch.Tensor:
-        return self.total / (self.qplan.counts[:, None] * self.kplan.counts[None, :] * self.hpg)
+        return self.total if self.scale is None else self.total.mul_(self.scale)
 
 
+def _tiles(B: int, Hk: int, G: int, rows: int, ncol: int, kv_bytes_per_head: int, workspace: int):
+    """(bb, hb, c): batches, key heads and query rows per tile. A tile's scores take about
+    min(TILE_BYTES, workspace / 4); it keeps MIN_ROWS rows before splitting heads, then batches,
+    and its K/V copies (kv_bytes_per_head per batch and key head) stay within half the workspace."""
+    target = max(1, min(TILE_BYTES, workspace // 4))
+    per_row = G * ncol * 4
+    bb, hb = B, Hk
+    while hb > 1 and (bb * hb * per_row * MIN_ROWS > target or bb * hb * kv_bytes_per_head > workspace // 2):
+        hb = (hb + 1) // 2
+    while bb > 1 and (bb * hb * per_row * MIN_ROWS > target or bb * hb * kv_bytes_per_head > workspace // 2):
+        bb = (bb + 1) // 2
+    c = max(1, min(rows, target // (bb * hb * per_row)))
+    return bb, hb, c
+
+
+def _scores(buf: torch.Tensor, q_rows: torch.Tensor, k_cols: torch.Tensor, c2: float, rows,
+            row_tok: torch.Tensor | None, cols: _Columns, b0: int, b1: int, h0: int, h1: int, mask,
+            mask_kind: int, key_padding, is_causal: bool) -> torch.Tensor:
+    """Scores in log2 units, fp32 [bb, hb * G, c, Ncol] in the front of ``buf``, masked entries NEG.
+
+    q_rows [bb, hb * G, c, D] (any dtype and strides), k_cols [bb, hb, Ncol, D] fp32; rows: slice or
+    index tensor of the tile's query tokens (row_tok their tokens on the device, for the causal mask)."""
+    bb, hq, c, D = q_rows.shape
+    hb, ncol = k_cols.shape[1], k_cols.shape[2]
+    s = buf[:bb * hq * c * ncol].view(bb, hb, hq // hb * c, ncol)
+    # GQA without copying keys per query head: query heads grouped under their key head. The scale
+    # (times log2 e) goes on the queries, c x D numbers instead of c x Ncol scores; reshape, since
+    # q_rows of a BSHD layout keep their strides through the product.
+    torch.matmul((q_rows.float() * c2).reshape(bb, hb, hq // hb * c, D), k_cols.transpose(-1, -2), out=s)
+    s = s.view(bb, hq, c, ncol)
+    if mask_kind == 0 and key_padding is None and not is_causal:
+        return s
+
+    def key_cols(m: torch.Tensor) -> torch.Tensor:
+        return m if cols.token is None else m.index_select(-1, cols.token)
+
+    if mask_kind:
+        m = mask[b0:b1, h0:h1]
+        m = key_cols(m[:, :, rows] if isinstance(rows, slice) else m.index_select(2, rows))
+        if mask_kind == 2:
+            s.add_(m, alpha=LOG2E).clamp_(min=NEG)  # -inf in an additive mask becomes NEG
+        else:
+            s.masked_fill_(m == 0, NEG)
+    if is_causal:
+        tok = torch.arange(s.shape[-1], device=s.device) if cols.token is None else cols.token
+        s.masked_fill_(tok[None, :] > row_tok[:, None], NEG)
+    if key_padding is not None:
+        s.masked_fill_((key_cols(key_padding[b0:b1]) == 0)[:, None, None, :], NEG)
+    return s
+
+
+def _kv(x: torch.Tensor, b0: int, b1: int, g0: int, g1: int, cols: _Columns) -> torch.Tensor:
+    """Keys or values of a tile's batches and key heads, fp32, rows in column order (a view when
+    nothing needs changing)."""
+    x = x[b0:b1, g0:g1]
+    if cols.token is not None:
+        x = x.index_select(2, cols.token)
+    return x.float()
+
+
+def _pass(B: int, Hk: int, G: int, rows: torch.Tensor, ncol: int, kv_bytes: int, workspace: int | None):
+    """(tile elements, every tile of a pass over ``rows`` (host, ascending) as (b0, b1, g0, g1, s, e))."""
+    bb, hb, c = _tiles(B, Hk, G, rows.numel(), ncol, kv_bytes, WORKSPACE_BYTES if workspace is None else workspace)
+    tiles = [(b0, min(B, b0 + bb), g0, min(Hk, g0 + hb), s, min(rows.numel(), s + c))
+             for b0 in range(0, B, bb) for g0 in range(0, Hk, hb) for s in range(0, rows.numel(), c)]
+    return bb * hb * G * c * ncol, tiles
+
+
+@_device_errors
 def forward(q, k, v, out, scale, mask=None, mask_kind=0, key_padding=None, is_causal=False,
-            selected=None, want_stats=False, maps=()):
+            selected=None, want_stats=False, maps=(), workspace_bytes: int | None = None):
     """Chunked twin of attncap.kernels.forward (same arguments, same returns), plus ``maps``: a list
-    of (qplan, kplan, heads_table) whose maps (as kernels.map_pass returns them) come back as a fifth item."""
+    of (qplan, kplan, heads_table) whose maps (as kernels.map_pass returns them) come back as a
+    fifth item, and ``workspace_bytes`` (default WORKSPACE_BYTES), the bound on working memory."""
     B, H, Nq, D = q.shape
-    Hk, Nk = k.shape[1], k.shape[2]
-    if mask_kind == 0 and key_padding is None and selected is None and not want_stats and not maps and H == Hk \
-            and v.shape[-1] == D:
-        # Nothing rides on this forward but the LSE: PyTorch's fused CPU flash kernel returns both,
-        # several times faster than the chunked loop below.
+    Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    G, dev = H // Hk, q.device
+    masked = mask_kind != 0 or key_padding is not None or is_causal
+    if dev.type == "cpu" and mask_kind == 0 and key_padding is None and selected is None and not want_stats \
+            and not maps and H == Hk and Dv == D:
+        # Nothing rides on this forward but the LSE: PyTorch's fused CPU flash kernel returns both.
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal, scale=scale)
         out.copy_(o)
         return lse, None, None, None, []
-    lse = torch.empty((B, H, Nq), dtype=torch.float32)
-    n_sel = 0 if selected is None else selected.numel()
-    tokens = torch.empty((B, H, Nq, n_sel)) if n_sel else None
-    ent = torch.empty((B, H, Nq)) if want_stats else None
-    peak = torch.empty((B, H, Nq)) if want_stats else None
-    all_keys = torch.arange(Nk)
-    vf = v.float()
-    jobs = [_MapJob(qp, kp, table, B, Nq, Nk) for qp, kp, table in maps]
-    step = _chunk_rows(B * H * Nk * 4 * (3 if want_stats else 2), Nq)
-    for start in range(0, Nq, step):
-        tm = torch.arange(start, min(Nq, start + step))
-        c = tm.numel()
-        s = _scores(q[:, :, tm], k, scale, tm, all_keys, mask, mask_kind, key_padding, is_causal)
-        m = s.amax(-1, keepdim=True)
-        m = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
-        s -= m                                        # in place: chunks are the big tensors here
-        p = torch.exp(s) if want_stats else s.exp_()  # entropy still needs s - m
+    cols = _columns(maps, Nk, dev)
+    rows = torch.arange(Nq)
+    jobs = [_MapJob(qp, kp, table, cols, rows, B, dev) for qp, kp, table in maps]
+    lse = torch.empty((B, H, Nq), dtype=torch.float32, device=dev)
+    sel_cols = None if selected is None else cols.pos.to(dev)[selected.long()]
+    tokens = None if selected is None else torch.empty((B, H, Nq, selected.numel()), device=dev)
+    ent = torch.empty((B, H, Nq), device=dev) if want_stats else None
+    peak = torch.empty((B, H, Nq), device=dev) if want_stats else None
+    copies = cols.token is not None or k.dtype != torch.float32
+    kv_bytes = Nk * (D + Dv) * 4 if copies else 0
+    c2 = scale * LOG2E
+    block = None
+    size, tiles = _pass(B, Hk, G, rows, Nk, kv_bytes, workspace_bytes)
+    # Two tile buffers reused by every tile: fresh multi-MiB temporaries would fault their pages in
+    # again each time. The second holds P apart from S - m, which the entropy needs.
+    buf_s = torch.empty(size, device=dev)
+    buf_p = torch.empty(size, device=dev) if want_stats else None
+    for b0, b1, g0, g1, s, e in tiles:
+        if block != (b0, g0):
+            block = (b0, g0)
+            k_cols, v_cols = _kv(k, b0, b1, g0, g1, cols), _kv(v, b0, b1, g0, g1, cols)
+        h0, h1 = g0 * G, g1 * G
+        row_tok = torch.arange(s, e, device=dev) if is_causal else None
+        t = _scores(buf_s, q[b0:b1, h0:h1, s:e], k_cols, c2, slice(s, e), row_tok, cols, b0, b1, h0, h1,
+                    mask, mask_kind, key_padding, is_causal)
+        m = t.amax(-1, keepdim=True)
+        t.sub_(m)
+        p = torch.exp2(t, out=buf_p[:t.numel()].view(t.shape)) if want_stats else t.exp2_()
         l = p.sum(-1, keepdim=True)
-        inv = torch.where(l > 0, 1.0 / l.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(l))
-        p *= inv                                      # the probabilities, final: every key is in the chunk
-        o = torch.matmul(p.reshape(B, Hk, H // Hk * c, Nk), vf).reshape(B, H, c, -1)
-        out[:, :, tm] = o.to(out.dtype)
-        lse[:, :, tm] = torch.where(l[..., 0] > 0, m[..., 0] + torch.log(l[..., 0]), float("-inf"))
-        if want_stats:
-            ps = (p * s.clamp_(min=-3e38)).sum(-1)  # masked keys: p = 0 and s = -inf; 0 * -3e38 = 0
-            ent[:, :, tm] = torch.where(l[..., 0] > 0, torch.log(l[..., 0].clamp_min(1e-38)) - ps, 0.0)
-            peak[:, :, tm] = inv[..., 0]
-        if n_sel:
-            tokens[:, :, tm] = p[..., selected.long()]
+        inv = l.reciprocal()
+        if masked:  # a query that sees no key: every score NEG, so p = 1 everywhere; make it 0
+            dead = m <= NEG / 2
+            inv.masked_fill_(dead, 0.0)
+        p.mul_(inv)                                   # the probabilities, final: the tile has every key
+        bb, hq, c = p.shape[:3]
+        o = torch.matmul(p.view(bb, g1 - g0, G * c, Nk), v_cols).view(bb, hq, c, Dv)
+        out[b0:b1, h0:h1, s:e] = o
+        log_l = torch.log2(l)
+        row_lse = (m + log_l).mul_(LN2)
+        if masked:
+            row_lse.masked_fill_(dead, float("-inf"))
+        lse[b0:b1, h0:h1, s:e] = row_lse[..., 0]
+        if tokens is not None:
+            tokens[b0:b1, h0:h1, s:e] = p.index_select(-1, sel_cols)
         for job in jobs:
-            job.add(p, tm)
+            job.add(p, b0, b1, h0, h1, s, e, cols)
+        if want_stats:
+            # entropy = ln 2 (log2 l - sum_j P_j (S_j - m)), both terms >= 0 (no cancellation);
+            # last, so the product P (S - m) can overwrite S - m
+            h = (log_l[..., 0] - t.mul_(p).sum(-1)).mul_(LN2)
+            ent[b0:b1, h0:h1, s:e] = h.masked_fill_(dead[..., 0], 0.0) if masked else h
+            peak[b0:b1, h0:h1, s:e] = inv[..., 0]
+        del t, p
     return lse, tokens, ent, peak, [job.result() for job in jobs]
 
 
-def maps_from_lse(q, k, lse, scale, maps, mask=None, mask_kind=0, key_padding=None, is_causal=False):
+@_device_errors
+def maps_from_lse(q, k, lse, scale, maps, mask=None, mask_kind=0, key_padding=None, is_causal=False,
+                  workspace_bytes: int | None = None):
     """The maps of ``maps`` ((qplan, kplan, heads_table) each) from a given natural-log LSE [B, H, Nq]:
-    P = exp(S - LSE) over query chunks of only the queries the maps need."""
+    P = exp(S - LSE) over tiles of only the queries the maps need (in log2 units: exp2)."""
     B, H, Nq, D = q.shape
-    Nk = k.shape[2]
-    jobs = [_MapJob(qp, kp, table, B, Nq, Nk) for qp, kp, table in maps]
-    needed = torch.unique(torch.cat([qp.perm.long() for qp, _, _ in maps]))
-    all_keys = torch.arange(Nk)
-    # A fully masked row has LSE = -inf and every score -inf: +inf turns its probabilities to exp(-inf) = 0.
-    lse = torch.where(torch.isneginf(lse), float("inf"), lse)
-    step = _chunk_rows(B * H * Nk * 4 * 2, needed.numel())
-    for start in range(0, needed.numel(), step):
-        tm = needed[start:start + step]
-        s = _scores(q[:, :, tm], k, scale, tm, all_keys, mask, mask_kind, key_padding, is_causal)
-        p = s.sub_(lse[:, :, tm, None]).exp_()
+    Hk, Nk = k.shape[1], k.shape[2]
+    G, dev = H // Hk, q.device
+    cols = _columns(maps, Nk, dev)
+    rows = torch.unique(torch.cat([_host(qp.perm).long() for qp, _, _ in maps]))
+    jobs = [_MapJob(qp, kp, table, cols, rows, B, dev) for qp, kp, table in maps]
+    contiguous = int(rows[-1]) - int(rows[0]) + 1 == rows.numel()
+    rows_dev = rows.to(dev)
+    # A fully masked row has LSE = -inf and every score NEG or -inf: +inf turns its P to exp2(-inf) = 0.
+    lse2 = torch.where(torch.isneginf(lse), float("inf"), lse * LOG2E)
+    copies = cols.token is not None or k.dtype != torch.float32
+    c2, block = scale * LOG2E, None
+    size, tiles = _pass(B, Hk, G, rows, Nk, Nk * D * 4 if copies else 0, workspace_bytes)
+    buf = torch.empty(size, device=dev)
+    for b0, b1, g0, g1, s, e in tiles:
+        if block != (b0, g0):
+            block = (b0, g0)
+            k_cols = _kv(k, b0, b1, g0, g1, cols)
+        h0, h1 = g0 * G, g1 * G
+        if contiguous:
+            r = slice(int(rows[s]), int(rows[s]) + e - s)
+            q_rows, l_rows = q[b0:b1, h0:h1, r], lse2[b0:b1, h0:h1, r]
+        else:
+            r = rows_dev[s:e]
+            q_rows, l_rows = q[b0:b1, h0:h1].index_select(2, r), lse2[b0:b1, h0:h1].index_select(2, r)
+        row_tok = rows_dev[s:e] if is_causal else None
+        t = _scores(buf, q_rows, k_cols, c2, r, row_tok, cols, b0, b1, h0, h1, mask, mask_kind, key_padding,
+                    is_causal)
+        p = t.sub_(l_rows[..., None]).exp2_()
         for job in jobs:
-            job.add(p, tm)
+            job.add(p, b0, b1, h0, h1, s, e, cols)
+        del t, p
     return [job.result() for job in jobs]
