@@ -33,7 +33,7 @@ def _index(x: Any, name: str, what: str) -> int:
     except TypeError:
         raise TypeError(f"{name} holds {what}; got {_what(x)}") from None
     if i < 0:
-        raise ValueError(f"{name} holds {what}, counted from 0; got {i}"
+        raise ValueError(f"{name} holds {what}; got {i}"
                          + ("; steps='last' takes the final step" if name == "steps" else ""))
     return i
 

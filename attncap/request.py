@@ -17,6 +17,10 @@ Products (all float32, normalised over ALL keys the call attends to, never renor
     "peak"     [B, G, Qb]      per-query max probability, mean over query bin
 A query whose keys are all masked has an all-zero probability row: its map, tokens, rows, colsum
 contributions, entropy and peak are 0 (never NaN), as SDPA returns zeros for its output.
+Non-finite inputs (attncap.nonfinite, the same on every backend): a query row whose scores are built
+from NaN or inf (in its q row, in any key of its key head, NaN / +inf in its float-mask row) is NaN
+in out and in every product it enters (its bins, rows, entropy, peak, its head group's colsum);
+NaN / inf in v reaches out only. An empty batch (B = 0) gives empty out and products.
 """
 from __future__ import annotations
 
