@@ -105,6 +105,8 @@ def original_forward(module: torch.nn.Module, impl: str | None, query, key, valu
             nq, nk = query.shape[2], key.shape[2]
             mask = torch.ones(nq, nk, dtype=torch.bool, device=query.device).tril(nk - nq)[None, None]
         kw = {k: v for k, v in kwargs.items() if k != "is_causal"}
+        if scaling is None:  # SDPA's default, which the modules that pass None (Llama 4's tower) use eagerly too
+            scaling = query.shape[-1] ** -0.5
         return eager(module, query, key, value, additive(mask, query.dtype), scaling=scaling, dropout=dropout, **kw)
     if sinks_of(kwargs) is not None:
         raise ValueError(f"{type(module).__name__} passes attention sinks but its modeling file has no "

@@ -1,0 +1,288 @@
+"""attncap.capture on the VLM families of tests/tiny_vlms.py, and on attention variants (sinks, softcap,
+eager-only models).
+
+Per family: the language model's maps equal eager attention weights (every relation, every head),
+with the image tokens split into the segments the family's layout has (grid, anyres base tile,
+newlines, Pixtral breaks, tiles), each on its grid; a patch planted in the pixels moves exactly the
+key column of its grid cell; generate() gives the same tokens and keeps the grids at every step.
+The expected layouts here are written from the families' processors, independently of attncap's rules.
+"""
+from __future__ import annotations
+
+import re
+import sys
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import attncap  # noqa: E402
+from tiny_vlms import BREAK, END, IMAGE, PAD, VLMS, vlm_inputs  # noqa: E402
+
+FAMILIES = sorted(n for n in VLMS if n != "llama4")  # Llama 4's forward fails in transformers 5.24 itself
+LM_LAYER = re.compile(r"(language_model|text_model)(\.model)?\.layers\.(\d+)\.self_attn$")
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    model = VLMS[request.param][0]()
+    return request.param, model, vlm_inputs(request.param, model)
+
+
+def lm_layers(model) -> list[str]:
+    return sorted((n for n, _ in model.named_modules() if LM_LAYER.search(n)),
+                  key=lambda n: int(LM_LAYER.search(n).group(3)))
+
+
+def expected_layout(name: str, ids: torch.Tensor) -> list[tuple[str, list[int], tuple | None]]:
+    """(segment, positions, grid) of the image tokens of ids [1, N], from the processors' conventions."""
+    row = ids[0]
+    pos = (row == IMAGE).nonzero().flatten().tolist()
+    if name in ("llava_next", "llava_onevision"):  # base tile 4x4, then rows of 8 stitched tokens + newline
+        rest = pos[16:]
+        hires = [p for i, p in enumerate(rest) if i % 9 != 8]
+        newline = [p for i, p in enumerate(rest) if i % 9 == 8]
+        return [("image", pos[:16], (4, 4)), ("image", hires, (len(newline), 8)), ("image_newline", newline, None)]
+    if name in ("idefics3", "smolvlm"):  # two real tiles of 4x4 (the blank third is dropped)
+        return [("image", pos[:16], (4, 4)), ("image", pos[16:], (4, 4))]
+    if name == "mistral3":
+        return [("image", pos, (4, 6)), ("image_break", (row == BREAK).nonzero().flatten().tolist(), None),
+                ("image_end", (row == END).nonzero().flatten().tolist(), None)]
+    return [("image", pos, (4, 6) if name == "kimi_k25" else (4, 4))]
+
+
+def order_of(name: str, ids: torch.Tensor) -> torch.Tensor:
+    """Positions in attncap's segment order: text, then each expected segment."""
+    media = sorted(p for _, ps, _ in expected_layout(name, ids) for p in ps)
+    text = [p for p in range(ids.shape[1]) if p not in set(media)]
+    return torch.tensor([text + [p for _, ps, _ in expected_layout(name, ids) for p in ps]])
+
+
+def assemble(store, layer: str, step: int = 0):
+    """The [B, H, Nq, Nk] map of one call from its relation records, and its key segments
+    [(start, stop, name, grid)] in order."""
+    recs = store.get(layer=layer, step=step)
+    qsegs = sorted({tuple(r.meta["query_segment"]) for r in recs})
+    ksegs = sorted({tuple(r.meta["key_segment"]) + (r.relation.split("->")[1], r.key_grid) for r in recs})
+    full = torch.full(recs[0].data.shape[:2] + (qsegs[-1][1], ksegs[-1][1]), float("nan"), dtype=torch.float64)
+    for r in recs:
+        (q0, q1), (k0, k1) = r.meta["query_segment"], r.meta["key_segment"]
+        full[:, :, q0:q1, k0:k1] = r.data.double()
+    return full, ksegs
+
+
+def eager(model, inputs):
+    before = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            return model(**inputs, output_attentions=True)
+    finally:
+        model.set_attn_implementation(before)
+
+
+# ----------------------------------------------------------------------------------- families
+def test_lm_maps_equal_eager_with_image_segments_on_their_grids(family):
+    name, model, inputs = family
+    ref = eager(model, inputs)
+    with torch.no_grad():
+        plain = model(**inputs).logits
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a known family must not fall back to grid-less segments
+            with attncap.capture(model, relations="all", heads="all", layers=lm_layers(model)) as store:
+                captured = model(**inputs).logits
+    torch.testing.assert_close(captured, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(captured, ref.logits, atol=1e-4, rtol=1e-4)
+    expected = expected_layout(name, inputs["input_ids"])
+    order = order_of(name, inputs["input_ids"])
+    for i, layer in enumerate(lm_layers(model)):
+        full, ksegs = assemble(store, layer)
+        assert [(s[2], s[1] - s[0], s[3]) for s in ksegs[1:]] == [(n, len(p), g) for n, p, g in expected]
+        want = ref.attentions[i].double()[:, :, order[0]][:, :, :, order[0]]
+        torch.testing.assert_close(full, want, atol=2e-6, rtol=1e-5)
+    tower = [r for r in store.records if r.layer not in lm_layers(model)]
+    assert tower == []  # layers= kept the towers out
+
+
+# (pixel tensor index, patch row, patch col) planted -> (image segment index, grid cell) it must move
+PLANTS = {
+    "aya_vision": ((0,), 5, 2, 0, (2, 1)), "internvl": ((0,), 5, 2, 0, (2, 1)), "gemma3": ((0,), 5, 2, 0, (2, 1)),
+    "idefics3": ((0, 1), 5, 2, 1, (2, 1)), "smolvlm": ((0, 1), 5, 2, 1, (2, 1)),
+    "mistral3": ((0,), 5, 9, 0, (2, 4)),
+    # right-hand anyres tile, patch (2, 1): stitched column 4 + 1; unpadding dropped the top row
+    "llava_next": ((0, 2), 2, 1, 1, (1, 5)), "llava_onevision": ((0, 2), 2, 1, 1, (1, 5)),
+    "kimi_k25": (None, 5, 9, 0, (2, 4)),
+}
+
+
+def _local_tower(model) -> None:
+    """Zero every linear layer of the vision encoder blocks: each block then adds nothing to its residual
+    stream, so an image token depends on its own patches only (embeddings, norms and merges are local)."""
+    blocks = re.compile(r"(vision_tower|vision_model|visual)\..*(layers|layer|blocks)\.\d+\.")
+    with torch.no_grad():
+        for n, m in model.named_modules():
+            if blocks.search(n) and isinstance(m, torch.nn.Linear):
+                m.weight.zero_()
+                if m.bias is not None:
+                    m.bias.zero_()
+
+
+def test_planted_patch_moves_its_grid_cell(family):
+    name, _, inputs = family
+    model = VLMS[name][0]()
+    _local_tower(model)
+    where, r, c, seg, cell = PLANTS[name]
+    planted = dict(inputs, pixel_values=inputs["pixel_values"].clone())
+    p = inputs.get("pixel_values").shape[-1] if where is None else model.config.vision_config.patch_size
+    p = p[0] if isinstance(p, list) else p
+    if where is None:  # Kimi: pixel_values are the row-major patches themselves, [h * w, C, p, p]
+        planted["pixel_values"][r * 12 + c] += 30
+    else:
+        planted["pixel_values"][where][..., r * p:(r + 1) * p, c * p:(c + 1) * p] += 30
+    layer = lm_layers(model)[0]
+    rows = []
+    for inp in (inputs, planted):
+        with torch.no_grad(), attncap.capture(model, relations="text->image", heads="all", layers=[layer]) as st:
+            model(**inp)
+        recs = sorted(st.get(layer=layer), key=lambda rec: rec.meta["key_segment"][0])
+        rows.append([rec.data[0, :, -1].double() for rec in recs])  # the last text token, every head
+    grids = [rec.key_grid for rec in recs]
+    # A changed key moves its own column; every other column only rescales by the same per-head factor.
+    shift = [(a / b).log() for a, b in zip(rows[1], rows[0])]
+    median = torch.cat(shift, -1).median(-1, keepdim=True).values
+    dev = [(s - median).abs().amax(0) for s in shift]
+    best = max(range(len(dev)), key=lambda i: float(dev[i].max()))
+    flat = int(dev[best].argmax())
+    assert (best, divmod(flat, grids[best][1])) == (seg, cell)
+    others = torch.cat([d for i, d in enumerate(dev) if i != best] + [dev[best][torch.arange(dev[best].numel()) != flat]])
+    assert float(others.max()) < 1e-4 < float(dev[best][flat])
+
+
+@pytest.mark.parametrize("name", ["llava_next", "mistral3"])
+def test_generate_keeps_grids_and_tower_records(name):
+    model = VLMS[name][0]()
+    inputs = vlm_inputs(name, model)
+    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=PAD)
+    layer = lm_layers(model)[0]
+    with torch.no_grad():
+        plain = model.generate(**inputs, **kw)
+        with attncap.capture(model, relations="all", heads="mean") as store:
+            captured = model.generate(**inputs, **kw)
+    assert torch.equal(plain, captured)
+    want = [(n, g) for n, _, g in expected_layout(name, inputs["input_ids"])]
+    for step in range(3):
+        recs = sorted([r for r in store.get(layer=layer, step=step) if r.relation.startswith("text->")
+                       and r.relation != "text->text"], key=lambda r: r.meta["key_segment"][0])
+        assert [(r.relation.split("->")[1], r.key_grid) for r in recs] == want, step
+        n_media = sum(len(p) for _, p, _ in expected_layout(name, inputs["input_ids"]))
+        assert recs[0].data.shape[2] == (inputs["input_ids"].shape[1] - n_media if step == 0 else 1)
+    tower = [r for r in store.records if "vision" in r.layer]
+    assert tower and {r.step for r in tower} == {0} and all(r.query_grid is not None for r in tower
+                                                              if r.relation == "image->image")
+
+
+def test_llama4_tower_class_token_last():
+    """Llama 4's tower appends its class token after the patches; capture names it where it is."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    model = VLMS["llama4"][0]()
+    pixels = VLMS["llama4"][1](model)["pixel_values"]
+    seen = []
+
+    def recording(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
+        out, w = sys.modules[type(module).__module__].vision_eager_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kw)
+        seen.append(w.double())
+        return out, w
+
+    AttentionInterface.register("attncap_test_rec", recording)
+    AttentionMaskInterface.register("attncap_test_rec", eager_mask)
+    model.set_attn_implementation("attncap_test_rec")
+    with torch.no_grad():
+        model.get_image_features(pixel_values=pixels)
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad(), attncap.capture(model, relations="all", heads="all", layers="vision_model.*") as store:
+        model.get_image_features(pixel_values=pixels)  # as generate() does, before any forward
+    full, ksegs = assemble(store, "vision_model.model.layers.0.self_attn")
+    assert [(s[2], s[1] - s[0], s[3]) for s in ksegs] == [("image", 64, (8, 8)), ("cls", 1, None)]
+    torch.testing.assert_close(full, seen[0], atol=2e-6, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------- attention variants
+def tiny_gpt_oss(seed: int = 0):
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = GptOssConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=2,
+                       num_experts_per_tok=1, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+                       max_position_embeddings=64, pad_token_id=PAD, rope_parameters={"rope_type": "default",
+                                                                                      "rope_theta": 10000.0})
+    model = GptOssForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.normal_(0, 2)  # released weights have sinks of this size, zeros would hide bugs
+    return model
+
+
+def test_attention_sinks_exact_and_generate_unchanged():
+    model = tiny_gpt_oss()
+    assert model.config._attn_implementation == "eager"  # GPT-OSS does not support SDPA
+    ids = torch.randint(3, 60, (2, 11), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    ref = eager(model, dict(input_ids=ids, attention_mask=mask))
+    with torch.no_grad(), attncap.capture(model, relations="all", heads="all") as store:
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    valid = mask.bool()
+    torch.testing.assert_close(logits[valid], ref.logits[valid], atol=1e-5, rtol=1e-5)
+    for i in range(2):
+        layer = f"model.layers.{i}.self_attn"
+        (text,) = store.get(layer=layer, relation="text->text")
+        (sink,) = store.get(layer=layer, relation="text->sink")
+        rows = valid[:, None, :, None]
+        torch.testing.assert_close(torch.where(rows, text.data.double(), 0),
+                                   torch.where(rows, ref.attentions[i].double(), 0), atol=2e-6, rtol=1e-5)
+        total = text.data.sum(-1) + sink.data[..., 0]
+        torch.testing.assert_close(total[valid[:, None].expand_as(total)], torch.ones(int(valid.sum()) * 4))
+        assert float(sink.data[valid[:, None].expand_as(total)].min()) > 1e-3  # sinks really took mass
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=PAD)
+    with torch.no_grad():
+        plain = model.generate(input_ids=ids, attention_mask=mask, **kw)
+        # layer 1 is left alone: it must run the model's own eager attention, sinks included
+        with attncap.capture(model, layers=["model.layers.0.self_attn"], heads="all") as store:
+            captured = model.generate(input_ids=ids, attention_mask=mask, **kw)
+    assert torch.equal(plain, captured) and model.config._attn_implementation == "eager"
+    assert sorted({r.step for r in store.records}) == [0, 1, 2, 3]
+
+
+def test_logit_softcapping_refused_before_the_forward():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                           attn_logit_softcapping=50.0, pad_token_id=PAD)).eval()
+    before = model.config._attn_implementation
+    with pytest.raises(ValueError, match=r"attn_logit_softcapping=50.0.*tanh"):
+        with attncap.capture(model):
+            raise AssertionError("the block must not run")
+    assert model.config._attn_implementation == before
+
+
+def test_image_token_id_found_in_vision_config():
+    """Phi-4-multimodal keeps image_token_id in vision_config; it must not be labelled text."""
+    from transformers import Phi4MultimodalConfig
+
+    from attncap.integrations.transformers import _token_ids
+
+    cfg = Phi4MultimodalConfig()
+
+    class Holder(torch.nn.Module):
+        config = cfg
+
+    ids = _token_ids(Holder(), [cfg.vision_config, cfg.audio_config])
+    assert ids["image"] == cfg.vision_config.image_token_id
