@@ -21,6 +21,7 @@ import attncap
 from attncap import Record, Store
 from attncap import analysis as A
 from attncap.cli import main
+from attncap.viz.core import short_layer
 from attncap.viz.explorer import ALL_LAYERS, ExplorerTooLarge, page_words, pool_axis, quantise
 
 import browser
@@ -137,6 +138,8 @@ def test_page_loads_offline_with_the_stores_words_steps_and_layers(chromium, pla
     assert page.js("attncap.heads()") == [] and page.js("(attncap.setLayer(%r), attncap.heads())" % L1) == [0, 1]
     chips = page.js("Array.from(document.querySelectorAll('#chips .chip')).map(c => c.textContent)")
     assert chips == ["a", "giraffegir|affe", "on", "a#2", "red", "sofa"]
+    options = page.js("Array.from(document.querySelectorAll('#layer option')).map(o => o.textContent)")
+    assert options[1:] == [short_layer(L1), short_layer(L2)] == ["down0.a0.t0.attn2", "mid.a0.t0.attn2"]
     assert not page.errors and not page.requests
     html = path.read_text()
     assert "http://" not in html.replace("http://www.w3.org", "") and "https://" not in html
@@ -257,7 +260,8 @@ def test_language_model_page_shows_each_generated_tokens_map(chromium, tmp_path)
 
 def test_a_demo_run_page_is_small_and_holds_the_run(chromium, tmp_path):
     assert main(["run", "shapes", "--prompt", "a red circle and a blue square", "--steps", "6", "--relations",
-                 "image->text,image->image", "--no-render", "--quiet", "--out", str(tmp_path)]) == 0
+                 "image->text,image->image", "--layers", "*attn2*,unet.down_blocks.1.*attn1*", "--no-render", "--quiet",
+                 "--out", str(tmp_path)]) == 0
     (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert main(["explore", str(run)]) == 0
     path = run / "explorer.html"

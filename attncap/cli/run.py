@@ -270,6 +270,9 @@ def run(args) -> Path:
         pipe.set_progress_bar_config(disable=args.quiet)
     kw = _pipeline_kwargs(pipe, args, device, dtype)
     alignment = prompts.for_pipeline(pipe, args.prompt) if args.prompt else None
+    if args.prompt and alignment is None and not args.quiet:
+        print(f"attncap: {type(pipe).__name__} has no tokenizer: the maps' keys are labelled by position, not by the "
+              "words of --prompt", file=sys.stderr)
     tokens = None
     if args.tokens:
         tokens = []

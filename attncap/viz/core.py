@@ -163,7 +163,7 @@ def short_layer(name: str) -> str:
     """'unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2' -> 'down1.a0.t0.attn2'."""
     s = re.sub(r"^(unet|transformer_2|transformer)\.", "", name)
     for a, b in (("down_blocks.", "down"), ("up_blocks.", "up"), ("mid_block", "mid"), ("attentions.", "a"),
-                 ("transformer_blocks.", "t"), ("single_transformer_blocks.", "st"), ("blocks.", "b")):
+                 ("single_transformer_blocks.", "st"), ("transformer_blocks.", "t"), ("blocks.", "b")):
         s = s.replace(a, b)
     return s
 

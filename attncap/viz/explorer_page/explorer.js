@@ -149,7 +149,10 @@
   }
   const maxOf = (v) => v.reduce((a, b) => (b > a ? b : a), 0);
   const stepText = (s) => { const t = D.steps.find((x) => x.step === s); return "step " + s + (t && t.timestep != null ? ` (t = ${+t.timestep.toPrecision(4)})` : ""); };
-  const short = (name) => name.replace(/^(unet|transformer_2|transformer)\./, "");
+  // as attncap.viz.core.short_layer: "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2" -> "down1.a0.t0.attn2"
+  const SHORT = [["down_blocks.", "down"], ["up_blocks.", "up"], ["mid_block", "mid"], ["attentions.", "a"],
+                 ["single_transformer_blocks.", "st"], ["transformer_blocks.", "t"], ["blocks.", "b"]];
+  const short = (name) => SHORT.reduce((s, [a, b]) => s.split(a).join(b), String(name).replace(/^(unet|transformer_2|transformer)\./, ""));
   const rel = (r) => String(r).replace("->", "\u2192");
 
   function drawMain() {
