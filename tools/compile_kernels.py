@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 if os.environ.get("TRITON_INTERPRET") == "1":
@@ -48,7 +48,7 @@ except ImportError:  # pragma: no cover - older Triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from attncap.kernels import configs, forward, map_pass  # noqa: E402
-from attncap.layouts import plan_indices, plan_range  # noqa: E402
+from attncap.layouts import plan_range  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -70,7 +70,6 @@ class Variant:
     kgrid: tuple | None = None
     pool: tuple | None = None
     colsum: bool = False   # map pass with the whole query range as one bin (colsum without a map)
-    extra: dict = field(default_factory=dict)
 
 
 WAN = (21, 30, 52)
