@@ -36,6 +36,7 @@ class Segment:
     stop: int
     grid: tuple[int, ...] | None = None
     tag: str | None = None  # where the tokens sit inside their medium, e.g. "tile 2 of 5" (kept in Record.meta)
+    offset: int = 0         # first token of this run inside its whole segment (a text split over two calls)
 
     @property
     def length(self) -> int:
@@ -193,8 +194,10 @@ class CaptureSession:
             keys = None
             # tokens index words: they select keys of grid-less segments other than image embeddings
             if cfg.tokens is not None and kseg.grid is None and kseg.name not in NOT_WORDS:
-                keys = [kseg.start + t for t in self.token_keys()]
-                if keys[-1] >= kseg.stop:
+                keys = [kseg.start + t - kseg.offset for t in self.token_keys()]
+                if kseg.offset or (kseg.tag or "").startswith("tokens "):  # a piece: the selected tokens inside it
+                    keys = [k for k in keys if kseg.start <= k < kseg.stop] or None
+                elif keys[-1] >= kseg.stop:
                     raise ValueError(f"tokens={list(cfg.tokens)} selects key index {keys[-1] - kseg.start}, but the "
                                      f"{kseg.name!r} segment of {relation} has {kseg.length} tokens (0 to "
                                      f"{kseg.length - 1}); pick indices or words inside the prompt")

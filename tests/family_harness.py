@@ -97,7 +97,9 @@ def check_records(store: attncap.Store, truth: dict, layout: Layout, *, pool=Non
     for r in store.records:
         a, b = r.relation.split("->")
         calls = _calls_of(layout, r.layer)
-        index = next(i for i, (qs, ks) in enumerate(calls) if a in qs and b in ks and (r.layer, i) in truth)
+        # the call whose hand-written segments hold this record's (a relation may come from two calls)
+        index = next(i for i, (qs, ks) in enumerate(calls) if a in qs and b in ks and (r.layer, i) in truth
+                     and [ks[b][0], ks[b][1]] == r.meta["key_segment"])
         q, k, scale, mask = truth[(r.layer, index)]
         assert mask is None or bool(torch.as_tensor(mask).all()), "the harness compares unmasked calls only"
         qseg, kseg = calls[index][0][a], calls[index][1][b]

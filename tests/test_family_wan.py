@@ -57,3 +57,25 @@ def test_wan_i2v_short_text_context():
                          stats=("entropy",))
     assert {r.relation for r in store.get(layer="*attn2")} == {"video->image_ctx", "video->text"}
     assert default_relations(model, call) == {("video->text", GRID)}
+
+
+@pytest.mark.parametrize("text,call0,call1", [
+    # 257 CLIP tokens + 226 text tokens: diffusers slices at 483 - 512 = -29, so the "image" call gets the
+    # image and text 0:197, the "text" call text 197:226
+    (226, {"image_ctx": (0, 257, None), "text": (257, 454, None)}, {"text": (0, 29, None)}),
+    # + 300 text tokens: the image call gets image 0:45, the text call image 45:257 and all the text
+    (300, {"image_ctx": (0, 45, None)}, {"image_ctx": (0, 212, None), "text": (212, 512, None)}),
+], ids=["text226", "text300"])
+def test_wan_i2v_257_image_tokens_and_text_not_512(text, call0, call1):
+    torch.manual_seed(0)
+    model = tiny_wan_transformer(in_channels=36, image_dim=4).eval()
+    g = torch.Generator().manual_seed(1)
+    inputs = dict(hidden_states=_latent(g, 36), timestep=torch.tensor([900]),
+                  encoder_hidden_states=torch.randn(1, text, 32, generator=g),
+                  encoder_hidden_states_image=torch.randn(1, 257, 4, generator=g))
+    call = lambda: model(**inputs)  # noqa: E731
+    video = {"video": (0, NV, GRID)}
+    store = check_family(model, call, {"*attn1": [(video, video)], "*attn2": [(video, call0), (video, call1)]},
+                         stats=("entropy",))
+    tags = {r.meta.get("key_tag") for r in store.get(layer="*attn2", relation="video->text")}
+    assert all(t and t.startswith("tokens ") for t in tags)

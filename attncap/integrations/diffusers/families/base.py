@@ -13,6 +13,10 @@ image context). The segment lengths and grids come from ``observe``, which reads
 inputs in its forward pre-hook. A segment observed with length None takes what is left of its
 axis, and a callable grid is given that length (the UNet's per-resolution image tokens).
 
+A segment observed under "name#piece" is part of segment "name" split over calls (diffusers' Wan
+I2V split of its context); it is observed as (length, grid, offset of its first token in "name")
+and filed as "name" with the tag "tokens a:b of name".
+
 Layers whose attention has no softmax (Sana's linear attention) are listed in ``no_softmax`` with
 the reason: they are left out of ``layers="all"`` and refused when named.
 """
@@ -108,7 +112,7 @@ class Family:
         names = {n for _, calls in self.attention for call in calls
                  for spec in ((call,) if isinstance(call, str) else call)
                  for side in (CallSpec.parse(spec).queries, CallSpec.parse(spec).keys) for n in side}
-        object.__setattr__(self, "segments", tuple(sorted(names)))
+        object.__setattr__(self, "segments", tuple(sorted({_base(n) for n in names})))
 
     def relations(self) -> list[str]:
         """Every "A->B" relation some call of this family can offer."""
@@ -117,7 +121,8 @@ class Family:
             for call in calls:
                 for spec in (call,) if isinstance(call, str) else call:
                     c = CallSpec.parse(spec)
-                    out += [f"{a}->{b}" for a in c.queries for b in c.keys if f"{a}->{b}" not in out]
+                    out += [r for a in c.queries for b in c.keys
+                            if (r := f"{_base(a)}->{_base(b)}") not in out]
         return out
 
     def unsupported(self, layer: str) -> str | None:
@@ -172,16 +177,26 @@ def _axis(names: tuple[str, ...], seen: Observed, total: int) -> tuple[Segment, 
         return None
     out, start = [], 0
     for name in names:
-        n, grid = seen[name]
+        n, grid, *piece = seen[name]
         n = total - known if n is None else n
         if n == 0:
             return None
         grid = grid(n) if callable(grid) else grid
         if grid is not None and math.prod(grid) != n:
             grid = None
-        out.append(Segment(name, start, start + n, grid))
+        if "#" in name:
+            offset = piece[0] if piece else 0
+            out.append(Segment(_base(name), start, start + n, grid, tag=f"tokens {offset}:{offset + n} of {_base(name)}",
+                               offset=offset))
+        else:
+            out.append(Segment(name, start, start + n, grid))
         start += n
     return tuple(out)
+
+
+def _base(name: str) -> str:
+    """The segment a piece ("text#1") belongs to."""
+    return name.split("#")[0]
 
 
 def _sizes(spec: str, seen: Observed) -> str:
