@@ -6,6 +6,7 @@ timestep and guidance branch, and checks the byte budget before the first step r
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -57,6 +58,7 @@ class DiffusersCapture:
         self._checked = False
         self._first_step = 0
         self._prompt_hooked = False
+        self._encoded_cfg: bool | None = None   # encode_prompt's do_classifier_free_guidance argument
         self._routing = None
 
     def install(self) -> None:
@@ -119,11 +121,16 @@ class DiffusersCapture:
             st.total_steps = len(timesteps) if timesteps is not None else None
             do_cfg = getattr(self.pipeline, "do_classifier_free_guidance", None)
             if do_cfg is None and not family.separate_cfg_calls:
-                # CogVideoX, Allegro: no property; __call__ batches [uncond, cond] when guidance_scale > 1
-                do_cfg = (getattr(self.pipeline, "guidance_scale", None) or 0) > 1
+                # PixArt, Stable Audio: no property, but encode_prompt was told; CogVideoX, Allegro: __call__
+                # batches [uncond, cond] when guidance_scale > 1
+                do_cfg = self._encoded_cfg
+                if do_cfg is None:
+                    do_cfg = (getattr(self.pipeline, "guidance_scale", None) or 0) > 1
             do_cfg = bool(do_cfg)
             st.cfg_separate = family.separate_cfg_calls
-            st.cfg_batched = do_cfg and not family.separate_cfg_calls
+            # the session splits batches as [uncond, cond]; a [cond, uncond] batch (Z-Image) stays whole
+            st.cfg_batched = (do_cfg and not family.separate_cfg_calls
+                              and getattr(family, "batched_cfg_order", ("uncond", "cond")) == ("uncond", "cond"))
             st.active = self.session.config.wants_step(st.step, st.total_steps)
             if not self._checked:
                 self._checked = True
@@ -183,10 +190,15 @@ class DiffusersCapture:
         if original is None or "encode_prompt" in vars(pipe):
             return
 
+        signature = inspect.signature(original)
+        cfg = signature.parameters.get("do_classifier_free_guidance")
+
         def encode_prompt(*args, **kwargs):
             prompt = kwargs.get("prompt", args[0] if args else None)
             if prompt is not None:  # each pipeline call's own prompt, kept for that call's records
                 self.session.prompt_tokens(_prompt_tokens(pipe, prompt, kwargs.get("max_sequence_length")))
+            if cfg is not None:  # whether this call batches [uncond, cond] (PixArt, Stable Audio say it only here)
+                self._encoded_cfg = bool(signature.bind_partial(*args, **kwargs).arguments.get(cfg.name, cfg.default))
             return original(*args, **kwargs)
 
         pipe.encode_prompt = encode_prompt
