@@ -252,11 +252,19 @@ def test_generation_same_tokens_and_one_step_per_token(vlm):
     kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=PAD)
     with torch.no_grad():
         plain = model.generate(**inputs, **kw)
-        with attncap.capture(model, layers=[LM0], relations=["text->image", "text->text"], heads="all") as store:
+        towers = ["model.visual.blocks.1.attn", "model.vision_tower.encoder.layers.0.self_attn"]
+        with attncap.capture(model, layers=[LM0] + towers, relations=["text->image", "text->text", "image->image"],
+                             heads="all") as store:
             captured = model.generate(**inputs, **kw)
     assert torch.equal(plain, captured)
     recs = store.get(layer=LM0, relation="text->image")
     assert sorted(r.step for r in recs) == [0, 1, 2]
+    # generate() encodes the images before the prefill: their grids and the towers' records must survive it
+    expect_grid = (4, 6) if name.startswith("qwen") else (6, 6)
+    assert all(r.key_grid == expect_grid for r in recs)
+    tower = [r for r in store.records if r.layer in towers]
+    assert tower and {r.step for r in tower} == {0} and {r.query_grid for r in tower} == {(8, 12) if
+                                                                                       name.startswith("qwen") else (6, 6)}
     n_img = 24 if name.startswith("qwen") else 36
     n_text = inputs["input_ids"].shape[1] - n_img
     by_step = {r.step: r for r in recs}

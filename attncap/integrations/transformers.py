@@ -3,37 +3,47 @@
 ``register()`` adds "attncap" to transformers' AttentionInterface (and sdpa's mask builder under the same
 name to AttentionMaskInterface, so padding/causal masks arrive as bool [B, 1, Nq, Nk] masks or None).
 ``attncap.capture(model)`` switches every config of the model to attn_implementation="attncap" for the
-block (restored on exit) and routes each attention call to the session; calls that are not captured
-(steps or layers not asked for, dropout, softcap, sinks, position bias, flex block masks) go through
-transformers' own sdpa_attention_forward unchanged.
+block (restored on exit) and routes each attention call to the session. Calls that are not captured
+(steps or layers not asked for, dropout, position bias, flex block masks) run on the attention the model
+was configured with (its eager function for eager-only models such as GPT-OSS, else SDPA); attention
+sinks are captured exactly and logit softcapping is refused before the forward
+(attncap.integrations.hf_attention). Capture never changes a model's outputs.
 
 Layers are module paths: "model.language_model.layers.0.self_attn", "model.visual.blocks.0.attn",
 "model.vision_tower.encoder.layers.0.self_attn", "encoder.layer.0.attention.self".
 Each call of the model's forward is one step: a plain forward is step 0 (then 1, ...); in generate()
-the prefill is step 0 and every generated token one more step (Nq = 1 with the KV cache).
+the prefill is step 0 and every generated token one more step (Nq = 1 with the KV cache). generate()
+encodes the images before its first forward (get_image_features): that encoding, its tower records
+and the media layout belong to the prefill's step, and the layout is kept for every decode step.
 
 Token layouts (segments of a call, see attncap.session):
-  language model   "text" (every non-media token, prompt and generated, in sequence order) and one
-                   segment per image ("image") or video ("video") found from config.image_token_id /
-                   video_token_id in input_ids. Media tokens carry the image's grid: Qwen2-VL/2.5-VL
-                   (h/merge, w/merge) from image_grid_thw ((t, h/m, w/m) for videos), LLaVA-style
-                   (H/patch, W/patch) from pixel_values ("default" feature strategy). Text and media are
+  language model   "text" (every non-media token, prompt and generated, in sequence order) and the
+                   media placed at config.image_token_id / video_token_id (or a sub-config's, as
+                   Phi-4-multimodal keeps it) by the family rules of attncap.integrations.vlm_media,
+                   read from the inputs of get_image_features / get_video_features: one segment per
+                   image, tile and named piece ("image" on its grid, anyres "base" tile and stitched
+                   grid, "image_newline", Pixtral's "image_break" / "image_end"; Record.meta
+                   query_tag / key_tag say which). A family without a rule, or inputs a rule does not
+                   explain, gives grid-less media segments and a warning. Text and media are
                    gathered into contiguous segments per batch element (a permutation of q/k/v rows and
                    of the mask, undone on the output), so "text->image" maps hold every text token.
                    auto relations: text->image / text->video, or text->text for a text-only model.
   Qwen2-VL towers  one attention call per image frame: "image->image" ("video->video") on the frame's
-                   (h, w) patch grid, rows reordered from the merge-block order the tower uses to
+  (Kimi-K2.5)      (h, w) patch grid, rows reordered from the merge-block order the tower uses to
                    row-major. Qwen2.5-VL: the full-attention blocks (fullatt_block_indexes) are captured
                    the same way; its window-attention blocks call attention once per window and are NOT
-                   captured (they run on SDPA unchanged).
-  CLIP/SigLIP      "image" on the (H/patch, W/patch) grid, with a leading "cls" segment when the tower
-  towers (LLaVA)   has a class token; auto relation image->image.
+                   captured (they run on the model's attention unchanged).
+  ViT towers       "image" on the (H/patch, W/patch) grid with a "cls" segment where the tower puts its
+                   class token (first: CLIP, InternVL; last: Llama 4; none: SigLIP); Pixtral packs every
+                   image of a call into one sequence: one "image" segment per image. auto: image->image.
+  sinks            a "sink" key segment after the real keys: the probability each query gives the sink.
   layout=          a user layout (attncap.integrations.generic) replaces all of the above.
 
 Limits: every batch element must have the same media structure (number of tokens per segment) for a
-call to be captured (otherwise the call runs on SDPA and a warning says so); caches whose key length is
-not the sequence length (static or sliding-window caches) give a single "tokens" key segment on VLMs.
-The permuted path materialises a bool mask [B, 1, Nq, Nk] for causal prefill of a VLM prompt.
+call to be captured (otherwise the call runs on the model's attention and a warning says so); caches
+whose key length is not the sequence length (static or sliding-window caches) give a single "tokens"
+key segment on VLMs. The permuted path materialises a bool mask [B, 1, Nq, Nk] for causal prefill of
+a VLM prompt, and the sink path one of [B, 1, Nq, Nk + 1] whenever the call is masked or causal.
 """
 from __future__ import annotations
 
