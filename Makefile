@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo bench bench-gpu clean
+.PHONY: venv test demo bench bench-gpu gpu-check gpu-wheels clean
 
 venv: $(STAMP)
 
@@ -38,6 +38,16 @@ bench-gpu:
 	$(PYTHON) benchmarks/run.py --device cuda
 	$(PYTHON) benchmarks/e2e_wan.py --device cuda --write-results
 	$(PYTHON) benchmarks/report.py
+
+# Everything that needs a GPU in one call of <= 8 minutes on an H100/H200 (tools/gpu_check.sh): GPU tests,
+# the kernel benchmark against SDPA-flash and cuDNN, the hybrid path, the WAN step at 4 layers; RESULTS.md
+# sections ($$OUT/RESULTS.md when $$OUT is set). Uses the machine's python, not the CPU .venv.
+gpu-check:
+	PYTHON=$(PYTHON) bash tools/gpu_check.sh
+
+# Wheels a GPU machine without diffusers needs for gpu-check's WAN step: carry .whl/ there (pure Python).
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: -d .whl diffusers==0.42.1
 
 clean:
 	rm -rf $(VENV) build *.egg-info
