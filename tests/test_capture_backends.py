@@ -177,3 +177,26 @@ def test_a_relation_no_selected_layer_offers_is_an_error_at_the_end():
     with pytest.raises(attncap.CaptureIncomplete, match="image->text"):
         with attncap.capture(pipe, layers="*attn1", relations="image->text"):
             pipe(**sd_inputs())
+
+
+@pytest.mark.parametrize("offload", ["group_leaf", "group_block", "model"])
+def test_offloaded_pipelines_capture_the_same_records(offload):
+    """Group offloading (leaf / block level) and model CPU offload (onload device: the CPU here) move
+    weights around the attention modules; the records and the image must not change."""
+    pipe = tiny_sd()
+    with attncap.capture(pipe, relations="all") as reference:
+        want_image = pipe(**sd_inputs()).images
+    pipe = tiny_sd()
+    if offload == "model":
+        pipe.enable_model_cpu_offload(device="cpu")
+    else:
+        pipe.unet.enable_group_offload(onload_device=torch.device("cpu"), num_blocks_per_group=1,
+                                       offload_type="leaf_level" if offload == "group_leaf" else "block_level")
+    with attncap.capture(pipe, relations="all") as store:
+        image = pipe(**sd_inputs()).images
+    torch.testing.assert_close(image, want_image)
+    key = lambda r: (r.layer, r.step, r.branch, r.relation, r.kind)
+    want = {key(r): r.data for r in reference.records}
+    assert sorted(map(key, store.records)) == sorted(want)
+    for r in store.records:
+        torch.testing.assert_close(r.data, want[key(r)])
