@@ -50,7 +50,7 @@ def expected_layout(name: str, ids: torch.Tensor) -> list[tuple[str, list[int], 
     if name == "mistral3":
         return [("image", pos, (4, 6)), ("image_break", (row == BREAK).nonzero().flatten().tolist(), None),
                 ("image_end", (row == END).nonzero().flatten().tolist(), None)]
-    return [("image", pos, (4, 6) if name == "kimi_k25" else (4, 4))]
+    return [("image", pos, {"kimi_k25": (4, 6), "paligemma": (8, 8)}.get(name, (4, 4)))]
 
 
 def order_of(name: str, ids: torch.Tensor) -> torch.Tensor:
@@ -110,7 +110,7 @@ def test_lm_maps_equal_eager_with_image_segments_on_their_grids(family):
 PLANTS = {
     "aya_vision": ((0,), 5, 2, 0, (2, 1)), "internvl": ((0,), 5, 2, 0, (2, 1)), "gemma3": ((0,), 5, 2, 0, (2, 1)),
     "idefics3": ((0, 1), 5, 2, 1, (2, 1)), "smolvlm": ((0, 1), 5, 2, 1, (2, 1)),
-    "mistral3": ((0,), 5, 9, 0, (2, 4)),
+    "mistral3": ((0,), 5, 9, 0, (2, 4)), "paligemma": ((0,), 5, 2, 0, (5, 2)),
     # right-hand anyres tile, patch (2, 1): stitched column 4 + 1; unpadding dropped the top row
     "llava_next": ((0, 2), 2, 1, 1, (1, 5)), "llava_onevision": ((0, 2), 2, 1, 1, (1, 5)),
     "kimi_k25": (None, 5, 9, 0, (2, 4)),

@@ -8,6 +8,7 @@ variants (sinks, softcapping, eager-only).
     aya_vision       Aya Vision          one tile, 8x8 patches pixel-shuffled (2) to 4x4
     internvl         InternVL            one tile, 8x8 patches pixel-shuffled (0.5) to 4x4, class token dropped
     gemma3           Gemma 3             8x8 patches average-pooled to mm_tokens_per_image = 16 -> 4x4
+    paligemma        PaliGemma           8x8 patches (SigLIP, no class token), bidirectional prefix
     idefics3         Idefics3            2 tiles of 8x8 patches (scale 2 -> 4x4), a blank padding tile dropped
     smolvlm          SmolVLM             the same (Idefics3-style connector)
     mistral3         Mistral 3 / Pixtral 32x48 pixels, patch 4, merge 2 -> 4x6 with [IMG_BREAK] / [IMG_END]
@@ -97,6 +98,15 @@ def gemma3(seed: int = 0):
     return _eval(model)
 
 
+def paligemma(seed: int = 0):
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = PaliGemmaConfig(text_config=dict(TEXT, model_type="gemma"), vision_config=dict(SIGLIP, projection_dim=32),
+                          image_token_id=IMAGE, projection_dim=32)
+    return _eval(PaliGemmaForConditionalGeneration(cfg))
+
+
 def square_inputs(model, tiles: int = 1, side: int = 32, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     return dict(pixel_values=torch.randn(tiles, 3, side, side, generator=g))
@@ -180,7 +190,7 @@ def thw_inputs(model, grid=(1, 8, 12), seed: int = 0) -> dict:
 VLMS = {
     "llava_next": (llava_next, anyres_inputs), "llava_onevision": (llava_onevision, anyres_inputs),
     "aya_vision": (aya_vision, square_inputs), "internvl": (internvl, square_inputs),
-    "gemma3": (gemma3, square_inputs), "idefics3": (idefics3, tiles_inputs), "smolvlm": (smolvlm, tiles_inputs),
+    "gemma3": (gemma3, square_inputs), "paligemma": (paligemma, square_inputs), "idefics3": (idefics3, tiles_inputs), "smolvlm": (smolvlm, tiles_inputs),
     "mistral3": (mistral3, pixtral_inputs), "llama4": (llama4, square_inputs), "kimi_k25": (kimi_k25, thw_inputs),
 }
 
@@ -212,4 +222,7 @@ def vlm_inputs(name: str, model, seed: int = 0) -> dict:
             ids += [IMAGE] * n + [7]
     ids += [8, 9, 10]
     ids = torch.tensor([ids])
-    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), **pixels)
+    out = dict(input_ids=ids, attention_mask=torch.ones_like(ids), **pixels)
+    if name == "paligemma":  # the processor's prefix marks (all prompt): without them eager and sdpa disagree
+        out["token_type_ids"] = torch.zeros_like(ids)
+    return out
