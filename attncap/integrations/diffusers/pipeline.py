@@ -236,11 +236,12 @@ def check_relations(relations, families: list[Family]) -> None:
     chosen = (relations,) if isinstance(relations, str) else tuple(relations)
     offered = {r for f in families for r in f.relations()}
     segments = sorted({s for f in families for s in f.segments})
-    bad = [r for r in chosen if r not in ("auto", "all") and r not in offered]
+    bad = [r for r in chosen if r not in ("auto", "all", "full") and r not in offered]
     if bad:
         names = ", ".join(sorted({f.name for f in families}))
         raise ValueError(f"relations {bad} are not offered by {names}: its segments are {segments} and its "
-                         f"relations {sorted(offered)} (or 'auto' for the text cross-attention, 'all')")
+                         f"relations {sorted(offered)} (or 'auto' for the text cross-attention, 'all', 'full' for "
+                         "each call's whole sequence)")
 
 
 def _size(n: int) -> str:
