@@ -30,10 +30,12 @@ def wan_model():
 
 
 def wan_call(model):
+    """One forward of ``model`` on fixed random inputs, on the model's device and dtype."""
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(1, model.config.in_channels, 3, 6, 10, generator=g)
-    ctx = torch.randn(1, TEXT, model.config.text_dim, generator=g)
-    return lambda: model(x, torch.tensor([700.0]), ctx)
+    param = next(model.parameters())
+    x = torch.randn(1, model.config.in_channels, 3, 6, 10, generator=g).to(param)
+    ctx = torch.randn(1, TEXT, model.config.text_dim, generator=g).to(param)
+    return lambda: model(x, torch.tensor([700.0], device=param.device), ctx)
 
 
 NV = 3 * 3 * 5
@@ -200,3 +202,29 @@ def test_offloaded_pipelines_capture_the_same_records(offload):
     assert sorted(map(key, store.records)) == sorted(want)
     for r in store.records:
         torch.testing.assert_close(r.data, want[key(r)])
+
+
+GPU_BACKENDS = [("_native_flash", None), ("_native_cudnn", None), ("_native_efficient", None), ("flash", "flash_attn"),
+                ("_flash_3", "flash_attn_interface"), ("sage", "sageattention"), ("xformers", "xformers")]
+
+
+@pytest.mark.parametrize("backend,package", GPU_BACKENDS, ids=[b for b, _ in GPU_BACKENDS])
+def test_gpu_backends_are_captured(backend, package):
+    """The CUDA-only backends: maps against the recorded q, k; output within the backend's own precision."""
+    import importlib.util
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU: the backend runs on CUDA only")
+    if package is not None and importlib.util.find_spec(package) is None:
+        pytest.skip(f"backend {backend!r} needs the {package} package, which is not installed")
+    model = wan_model().to("cuda", torch.bfloat16)
+    call = wan_call(model)
+    truth, _ = record_calls(model, "transformer", call)
+    _use_backend(model, backend)
+    with torch.no_grad():
+        plain = first_tensor(call()).float()
+        with attncap.capture(model, relations="all", pool=(2, 2, 2), stats=("entropy", "colsum")) as store:
+            out = first_tensor(call()).float()
+    # bf16 activations: the captured output differs from the backend's by bf16 rounding of the attention
+    assert (out - plain).norm() <= 2e-2 * plain.norm()
+    check_records(store, truth, WAN_LAYOUT, pool=(2, 2, 2), stats=("entropy", "colsum"), atol=2e-3)
