@@ -183,6 +183,33 @@ def test_generate_keeps_grids_and_tower_records(name):
                                                               if r.relation == "image->image")
 
 
+def test_tiles_of_a_batch_keep_their_grids_and_numbers():
+    """Idefics3, two prompts: each element's tiles are numbered within it, and both keep their grids."""
+    model = VLMS["idefics3"][0]()
+    one = vlm_inputs("idefics3", model)
+    inputs = {k: torch.cat([v, v]) for k, v in one.items()}
+    layer = lm_layers(model)[0]
+    with torch.no_grad(), attncap.capture(model, relations="text->image", heads="mean", layers=[layer]) as store:
+        model(**inputs)
+    recs = sorted(store.records, key=lambda r: r.meta["key_segment"][0])
+    assert [(r.key_grid, r.meta["key_tag"], r.data.shape[0]) for r in recs] == [((4, 4), "tile 0 of 2", 2),
+                                                                                 ((4, 4), "tile 1 of 2", 2)]
+
+
+def test_unknown_layout_warns_and_has_no_grid(monkeypatch):
+    """A family attncap has no rule for: grid-less image segments and a warning, never a guessed grid."""
+    from attncap.integrations import vlm_media
+
+    model = VLMS["aya_vision"][0]()
+    inputs = vlm_inputs("aya_vision", model)
+    monkeypatch.delitem(vlm_media.RULES, "aya_vision")
+    with pytest.warns(UserWarning, match="knows no image token layout for model_type 'aya_vision'"):
+        with torch.no_grad(), attncap.capture(model, relations="text->image", layers=lm_layers(model)[:1]) as store:
+            model(**inputs)
+    (rec,) = store.records
+    assert rec.key_grid is None and rec.data.shape[-1] == 16
+
+
 def test_llama4_tower_class_token_last():
     """Llama 4's tower appends its class token after the patches; capture names it where it is."""
     from transformers import AttentionInterface

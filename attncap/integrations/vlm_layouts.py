@@ -58,10 +58,14 @@ class TokenSequence:
         left = {name: len(q) for name, q in queues.items() if q}
         if left:
             problems.append(f"{left} media items found no tokens of theirs in input_ids")
-        if all(s == structures[0] for s in structures):
-            return TokenSequence(torch.stack(rows), structures[0]), problems
+        untagged = [[seg[:3] for seg in s] for s in structures]
+        if all(u == untagged[0] for u in untagged):
+            # The same layout in every element; a tag (tile 3 of 4) is kept where all elements agree.
+            tags = [t[0] if len(set(t)) == 1 else None for t in zip(*[[seg[3] for seg in s] for s in structures])]
+            return TokenSequence(torch.stack(rows), [u + (t,) for u, t in zip(untagged[0], tags)]), problems
         # Different media per element: one segment per modality, no grid (a call is captured only if
         # the counts agree).
+        problems.append("the batch elements lay their media out differently (capture one prompt at a time for grids)")
         return TokenSequence(kinds.clone(), [(name, None, None, None) for name in MEDIA]), problems
 
     def extend(self, n: int) -> None:

@@ -118,9 +118,11 @@ def patch_rule(cfg, inp: dict, modality: str, tiles: bool = False) -> list[Media
     p = _patch(cfg)
     if modality != "image" or not isinstance(pv, torch.Tensor) or p is None or pv.dim() not in (4, 5):
         return None
-    if pv.dim() == 5:
-        flat = pv.reshape(-1, *pv.shape[2:])
-        pv = flat[(flat != 0).flatten(1).any(1)]
+    if pv.dim() == 5:  # [B, N, C, H, W]: tiles numbered within their batch element
+        real = (pv != 0).flatten(2).any(2)
+        tile = [(j, int(n)) for n in real.sum(1).tolist() for j in range(n)]
+    else:
+        tile = [(j, pv.shape[0]) for j in range(pv.shape[0])]
     gh, gw = pv.shape[-2] // p, pv.shape[-1] // p
     mm = getattr(cfg, "mm_tokens_per_image", None)
     if isinstance(mm, int):  # Gemma 3: average pooling to mm_tokens_per_image (a square)
@@ -134,8 +136,8 @@ def patch_rule(cfg, inp: dict, modality: str, tiles: bool = False) -> list[Media
     cls = _strategy(cfg, inp) == "full" and getattr(cfg, "model_type", "") in ("llava", "vipllava") \
         and getattr(_vc(cfg), "model_type", "") == "clip_vision_model"
     items = []
-    for i in range(pv.shape[0]):
-        tag = f"tile {i} of {pv.shape[0]}" if tiles else None
+    for j, n in tile:
+        tag = f"tile {j} of {n}" if tiles else None
         item = grid_item("image", grid, tag)
         if cls:
             item = MediaItem("image", (Piece("cls"), item.pieces[0]),
