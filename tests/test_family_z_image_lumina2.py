@@ -141,7 +141,7 @@ def test_lumina2_pipeline_true_cfg_and_flipped_timesteps():
              negative_prompt_embeds=torch.randn(1, TEXT, 32, generator=g), negative_prompt_attention_mask=mask,
              height=32, width=48, num_inference_steps=2, guidance_scale=4.0, cfg_trunc_ratio=1.0,
              output_type="latent", generator=torch.Generator().manual_seed(0))
-    # 32x48 -> latent 4x6 (Lumina2Pipeline's vae_scale_factor is 8 without a VAE block list) -> 2x3 tokens;
+    # 32x48 -> latent 4x6 (Lumina2Pipeline fixes vae_scale_factor at 8) -> 2x3 tokens;
     # a prompt call, then a negative-prompt call per step
     assert sorted((r.step, r.branch) for r in store.records) == [(0, "cond"), (0, "uncond"), (1, "cond"), (1, "uncond")]
     assert all(r.relation == "image->text" and r.query_grid == (2, 3) for r in store.records)
