@@ -298,6 +298,7 @@ def test_restores_attn_implementation_after_an_exception():
     after = {id(c): c._attn_implementation for c in (model.config, model.config.text_config,
                                                      model.config.vision_config)}
     assert after == before and len(store.get(layer=LM0)) == 1
+    assert "get_image_features" not in vars(model.model)  # the media watch is gone too
     from attncap.integrations import transformers as integration
     assert integration._ACTIVE == []
     # outside a capture "attncap" is plain SDPA

@@ -68,6 +68,7 @@ LM_DEFAULT_TEXT = ("text->text",)
 TOWER_DEFAULT = ("image->image", "video->video")
 
 _ACTIVE: list["TransformersCapture"] = []
+_UNSET = object()  # a method wrapped on a module that had no instance attribute of that name
 
 
 def is_transformers_model(target: Any) -> bool:
@@ -187,7 +188,7 @@ class TransformersCapture:
         self._hooks: list[Any] = []
         self._saved: list[tuple[Any, Any]] = []
         self._impl: dict[int, str | None] = {}
-        self._wrapped: list[tuple[Any, str, bool]] = []
+        self._wrapped: list[tuple[Any, str, Any]] = []  # (module, method name, its instance attribute before)
         self._fallback: GenericCapture | None = None
         self._seq: TokenSequence | None = None
         self._pending_ids: torch.Tensor | None = None
@@ -238,13 +239,11 @@ class TransformersCapture:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
-        for owner, name, had in self._wrapped:
-            if had:
-                continue
-            try:
-                delattr(owner, name)
-            except AttributeError:
-                pass
+        for owner, name, before in reversed(self._wrapped):
+            if before is _UNSET:
+                vars(owner).pop(name, None)
+            else:
+                setattr(owner, name, before)
         self._wrapped.clear()
         self._restore_configs()
         for i in range(len(_ACTIVE) - 1, -1, -1):
@@ -298,7 +297,7 @@ class TransformersCapture:
                 signature = inspect.signature(fn)
             except (TypeError, ValueError):
                 continue
-            self._wrapped.append((base, name, name in vars(base)))
+            self._wrapped.append((base, name, vars(base).get(name, _UNSET)))
             setattr(base, name, self._media_wrapper(fn, signature, modality))
 
     def _media_wrapper(self, fn, signature: inspect.Signature, modality: str):
