@@ -163,8 +163,8 @@ def factors(grid, pool) -> tuple[int, ...] | None:
     """attncap's pool on a grid: an int pools (h, w); (t, h, w) factors keep their last two on images."""
     if grid is None or pool is None:
         return None
-    if isinstance(pool, int):
-        return (1,) * (len(grid) - 2) + (pool, pool)
+    if isinstance(pool, int):   # (h, w) of 2D/3D grids, the one axis of a 1D (audio) grid
+        return (1,) * max(0, len(grid) - 2) + (pool,) * min(2, len(grid))
     return tuple(pool[-len(grid):])
 
 
