@@ -286,6 +286,23 @@ def test_attention_sinks_exact_and_generate_unchanged():
     assert sorted({r.step for r in store.records}) == [0, 1, 2, 3]
 
 
+def test_attention_sinks_in_bfloat16_within_twice_eager_error():
+    """In bf16 the sink's probability (its logit rides in two extra q dims) stays within twice eager
+    bf16's error, both against fp32 eager: the project's low-precision rule."""
+    model = tiny_gpt_oss()
+    ids = torch.randint(3, 60, (2, 11), generator=torch.Generator().manual_seed(1))
+    ref = eager(model, dict(input_ids=ids))
+    model.to(torch.bfloat16)
+    low = eager(model, dict(input_ids=ids))
+    with torch.no_grad(), attncap.capture(model, relations="text->sink", heads="all") as store:
+        model(input_ids=ids)
+    for i in range(2):
+        want = 1 - ref.attentions[i].double().sum(-1)
+        (sink,) = store.get(layer=f"model.layers.{i}.self_attn")
+        err = float((sink.data[..., 0].double() - want).abs().max())
+        assert err <= 2 * float((1 - low.attentions[i].double().sum(-1) - want).abs().max())
+
+
 def test_logit_softcapping_refused_before_the_forward():
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
