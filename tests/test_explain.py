@@ -17,87 +17,14 @@ import attncap
 from attncap.demo_model import load_pipeline, make_scene
 from attncap.demo_model.grounding import binarise, iou
 from attncap.demo_model.scenes import HELDOUT_SEED
-from attncap.demo_model.tokenizer import build_tokenizer
 from attncap.explain import DEFAULT_NOISE_LEVELS, DEFAULT_SEEDS, inputs
+from tiny_text_encoders import tiny_flux, tiny_sd, tiny_sd3, tiny_sdxl, tiny_wan
 
 pytest.importorskip("diffusers")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPT = "a red circle and a blue square"
 TEST_SCENES = HELDOUT_SEED + 2000  # neither training, the grounding benchmark nor benchmarks/explain.py use these
-
-
-# ------------------------------------------------------------------ tiny text encoders (no downloads)
-def _clip(hidden: int, projection: int | None = None, length: int = 16):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    tok = build_tokenizer(max_length=length)
-    cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=length, projection_dim=projection or hidden,
-                         pad_token_id=0, eos_token_id=1, bos_token_id=1)
-    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval(), tok
-
-
-def _t5(d_model: int, umt5: bool = False):
-    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
-
-    tok = build_tokenizer(max_length=32)
-    kw = dict(vocab_size=len(tok), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=1, num_heads=2,
-              pad_token_id=0, decoder_start_token_id=0)
-    model = UMT5EncoderModel(UMT5Config(**kw)) if umt5 else T5EncoderModel(T5Config(**kw))
-    return model.eval(), tok
-
-
-def _rebuild(pipe, **components):
-    out = type(pipe)(**{**pipe.components, **components}, **({} if "boundary_ratio" not in pipe.config else
-                                                                 {"boundary_ratio": pipe.config.boundary_ratio}))
-    out.set_progress_bar_config(disable=True)
-    return out
-
-
-def tiny_sd():
-    from tiny_pipelines import tiny_sd as build
-
-    torch.manual_seed(0)
-    te, tok = _clip(16)
-    return _rebuild(build(), text_encoder=te, tokenizer=tok)
-
-
-def tiny_sdxl():
-    from tiny_pipelines import tiny_sdxl as build
-
-    torch.manual_seed(0)
-    te, tok = _clip(8)
-    te2, tok2 = _clip(8, projection=12)
-    return _rebuild(build(), text_encoder=te, tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok2)
-
-
-def tiny_sd3():
-    from tiny_transformers import tiny_sd3 as build
-
-    torch.manual_seed(0)
-    te, tok = _clip(8, projection=12)
-    te2, tok2 = _clip(8, projection=12)
-    te3, tok3 = _t5(32)
-    return _rebuild(build(), text_encoder=te, tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok2,
-                    text_encoder_3=te3, tokenizer_3=tok3)
-
-
-def tiny_flux():
-    from tiny_transformers import tiny_flux as build
-
-    torch.manual_seed(0)
-    te, tok = _clip(24)
-    te2, tok2 = _t5(32)
-    return _rebuild(build(), text_encoder=te, tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok2)
-
-
-def tiny_wan(two: bool = False):
-    from tiny_transformers import tiny_wan as build
-
-    torch.manual_seed(0)
-    te, tok = _t5(32, umt5=True)
-    return _rebuild(build(two=two), text_encoder=te, tokenizer=tok)
 
 
 def _denoiser_inputs(model):
@@ -333,6 +260,13 @@ def test_wan_video_frames_grid_and_experts():
     assert len(seen1) == 1 and len(seen2) == 1
     assert seen1[0][1]["hidden_states"].shape == (1, 16, 3, 6, 10)
     assert float(seen2[0][1]["timestep"][0]) == pytest.approx(500.0)
+    picked = torch.from_numpy(video[np.linspace(0, 10, 9).round().astype(int)]).permute(3, 0, 1, 2)[None] * 2 - 1
+    vae = pipe.vae
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    x0 = (vae.encode(picked).latent_dist.mode() - torch.tensor(vae.config.latents_mean).view(shape)) \
+        / torch.tensor(vae.config.latents_std).view(shape)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(seen2[0][1]["hidden_states"], 0.5 * noise + 0.5 * x0, rtol=1e-6, atol=2e-6)
     assert {r.layer.split(".")[0] for r in store.get(step=1)} == {"transformer_2"}
     assert {r.relation for r in store.records} == {"video->text"} and {r.query_grid for r in store.records} == {(3, 3, 5)}
     assert store.token_map("blue").shape == (3, 3, 5)
@@ -359,3 +293,49 @@ def test_model_size_keeps_aspect_and_multiples():
     with pytest.raises(ValueError, match="multiples of 16"):
         inputs.model_size((32, 32), (64, 64), 16, size=(40, 48))
     assert inputs.valid_frame_count(11, 4) == 9 and inputs.valid_frame_count(81, 4, limit=20) == 17
+
+
+# ------------------------------------------------------------------ the CLI verb and the example
+def test_cli_explain_writes_maps_masks_and_explorer(tmp_path, capsys):
+    import PIL.Image
+
+    from attncap.cli import main
+
+    scene = make_scene(TEST_SCENES + 200)
+    png = tmp_path / "scene.png"
+    PIL.Image.fromarray((scene.image * 255).round().astype(np.uint8)).save(png)
+    out = tmp_path / "out"
+    assert main(["explain", "shapes", str(png), "--prompt", scene.caption, "--out", str(out), "--quiet",
+                 "--no-report", "--noise-levels", "0.1,0.2"]) == 0
+    obj, other = scene.objects[0], scene.objects[1]
+    for name in ("image.png", "index.json", "run.json", "explorer.html", f"words/{obj.colour}.png",
+                 f"words/{obj.colour}_overlay.png", f"masks/{obj.shape}.npy"):
+        assert (out / name).is_file(), name
+    mask = np.load(out / "masks" / f"{obj.shape}.npy")
+    assert mask.shape == (32, 32) and iou(mask, obj.mask) > iou(mask, other.mask)
+    store = attncap.load(out)
+    assert len({r.step for r in store.records}) == 2 and store.tokens["prompt"] == scene.caption
+
+    assert main(["explain", "shapes", str(tmp_path / "none.png"), "--prompt", "a red", "--out", str(out)]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["explain", "shapes", str(png), "--prompt", "a red", "--out", str(out), "--quiet"]) == 2
+    assert "--out" in capsys.readouterr().err  # holds a store already: never overwritten silently
+    with pytest.raises(SystemExit):
+        main(["explain", "shapes", str(png), "--prompt", "a red", "--out", str(out), "--noise-levels", "2"])
+
+
+@pytest.mark.parametrize("argv", [[], ["--tiny", "wan"]], ids=["demo", "tiny-wan"])
+def test_example_runs(tmp_path, capsys, argv):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "explain_image.py"
+    spec = importlib.util.spec_from_file_location("explain_image_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(argv + ["--out", str(tmp_path / "out")])
+    printed = capsys.readouterr().out
+    assert (tmp_path / "out" / "words.png").is_file() and "saved" in printed
+    if not argv:  # the demo model on a held-out scene: every word scored, and found
+        scores = [float(line.split("IoU ")[1].split()[0]) for line in printed.splitlines() if "IoU" in line]
+        assert len(scores) >= 4 and np.mean(scores) > 0.5

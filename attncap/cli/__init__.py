@@ -4,6 +4,7 @@
     attncap render DIR      re-draws a saved run (or any saved store) into DIR (or --out)
     attncap demo            the embedded demo (no download)
     attncap explore RUN     an interactive offline HTML page of a run's maps (RUN/explorer.html)
+    attncap explain MODEL IMAGE --prompt TEXT --out DIR   word maps of an existing picture or video
 
 Each verb is a module of this package with ``add_parser(subparsers)`` (adds its sub-parser, named
 after the verb) and ``run(args)`` (does the work, raising CLIError for problems the user can fix).
@@ -17,10 +18,10 @@ import argparse
 import os
 import sys
 
-from . import demo, explore, render, run
+from . import demo, explain, explore, render, run
 from .common import CLIError, Interrupted
 
-VERBS = (demo, run, render, explore)
+VERBS = (demo, run, render, explore, explain)
 
 __all__ = ["CLIError", "VERBS", "build_parser", "main"]
 
