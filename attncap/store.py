@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from .prompts import spell
-from .store_disk import INDEX, LOG, NDIM, IndexLog, SpillStream, holds_store, index_text, load, write_atomic, write_shard
+from .store_disk import INDEX, LOG, NDIM, IndexLog, SpillStream, holds_store, index_text, write_atomic, write_shard
+from .store_disk import load  # noqa: F401  (attncap.load, re-exported here)
 # kind -> (axis of the spatial grid, the grid attribute it follows); size= resizes this axis.
 SPATIAL_AXIS = {"map": (2, "query_grid"), "tokens": (2, "query_grid"), "entropy": (2, "query_grid"),
                 "peak": (2, "query_grid"), "colsum": (2, "key_grid"), "rows": (3, "key_grid")}
@@ -120,6 +121,9 @@ class Store:
 
     @tokens.setter
     def tokens(self, value: dict | None) -> None:
+        """Setting store.tokens labels every call with them (it replaces the prompts the capture read)."""
+        for call in list(self.call_tokens):
+            self._set_tokens(call, None)
         self._set_tokens(None, value)
 
     def set_call_tokens(self, call: int, value: dict | None) -> None:
@@ -272,7 +276,8 @@ class Store:
         """float32 [*query_grid] map of a text token (a word, or a key index of the key segment) for batch
         element ``batch``, averaged over kept heads, the word's tokens and the matching records.
         Uses "tokens" records holding the keys, else "map" records. relation None: relations from a
-        query grid to text; branch None: "cond" where such records exist (the prompt, not the negative prompt), else any;
+        query grid to text; branch None: "cond" where such records exist (the prompt, not the negative prompt),
+        else any;
         call None: every pipeline call, each word looked up in its own call's prompt tokens."""
         # default: spatial queries (image/video) attending to text, so the map can be laid on the picture
         rel_ok = ((lambda r: r.relation.endswith("->text") and r.query_grid is not None) if relation is None
@@ -281,7 +286,8 @@ class Store:
         if branch is None and any(r.branch == "cond" for r in recs):
             recs = [r for r in recs if r.branch == "cond"]
         # a word's key indices come from the prompt of each record's own pipeline call
-        keys_of = {c: [int(word_or_index)] if isinstance(word_or_index, int) else self._word_keys(word_or_index, batch, c)
+        keys_of = {c: [int(word_or_index)] if isinstance(word_or_index, int) else
+                   self._word_keys(word_or_index, batch, c)
                    for c in sorted({r.call for r in recs} or {0 if call is None else call})}
         keys = keys_of[min(keys_of)]
         chosen = [(r, [r.meta["keys"].index(k) for k in keys_of[r.call]]) for r in recs

@@ -99,8 +99,8 @@ class Blob:
         if not isinstance(info, dict):
             raise DamagedShard(f"{self.path} has no tensor {key!r}")
         shape, offsets = info.get("shape"), info.get("data_offsets")
-        ok = info.get("dtype") == "F32" and isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape) \
-            and isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+        ok = info.get("dtype") == "F32" and isinstance(shape, list) \
+            and all(isinstance(s, int) and s >= 0 for s in shape) and isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
         if not ok or not 0 <= offsets[0] <= offsets[1] or offsets[1] - offsets[0] != 4 * math.prod(shape):
             raise DamagedShard(f"{self.path}: tensor {key!r} has a malformed header entry {info}")
         if self.base + offsets[1] > self.end:
@@ -207,13 +207,17 @@ def check_fields(e: Any, where: str) -> dict:
     missing = [k for k in FIELDS if k not in e and k != "meta"]
     if missing:
         raise _bad(where, e, f"missing {missing}")
-    grid_ok = lambda g: g is None or isinstance(g, list) and 1 <= len(g) <= 3 and all(_is_int(x) and x > 0 for x in g)  # noqa: E731
+    def grid_ok(g: Any) -> bool:
+        return g is None or isinstance(g, list) and 1 <= len(g) <= 3 and all(_is_int(x) and x > 0 for x in g)
+
+    timestep = e["timestep"]
     checks = (("layer", isinstance(e["layer"], str)), ("step", _is_int(e["step"])),
-              ("timestep", e["timestep"] is None or isinstance(e["timestep"], (int, float)) and not isinstance(e["timestep"], bool)),
+              ("timestep", timestep is None or isinstance(timestep, (int, float)) and not isinstance(timestep, bool)),
               ("relation", isinstance(e["relation"], str)), ("kind", e["kind"] in NDIM),
               ("branch", e["branch"] is None or isinstance(e["branch"], str)),
               ("query_grid", grid_ok(e["query_grid"])), ("key_grid", grid_ok(e["key_grid"])),
-              ("heads", e["heads"] in ("mean", "all") or isinstance(e["heads"], list) and all(_is_int(h) for h in e["heads"])),
+              ("heads", e["heads"] in ("mean", "all")
+               or isinstance(e["heads"], list) and all(_is_int(h) for h in e["heads"])),
               ("meta", isinstance(e.get("meta", {}), dict) or e.get("meta") is None),
               ("call", _is_int(e.get("call", 0)) and e.get("call", 0) >= 0))
     wrong = [name for name, ok in checks if not ok]
@@ -225,7 +229,8 @@ def check_fields(e: Any, where: str) -> dict:
 def shard_path(d: Path, e: dict, where: str) -> Path:
     """The shard an entry names, which must be a relative path inside the store directory ``d``."""
     shard = e.get("shard")
-    if not isinstance(shard, str) or not isinstance(e.get("key"), str) or not shard.endswith((".safetensors", ".stream")):
+    if not isinstance(shard, str) or not isinstance(e.get("key"), str) \
+            or not shard.endswith((".safetensors", ".stream")):
         raise _bad(where, e, "'shard' must name a .safetensors or .stream file and 'key' a tensor")
     span = [e.get("offset", 0), e.get("length", 0)]
     if not all(_is_int(x) and x >= 0 for x in span) or shard.endswith(".stream") != ("offset" in e and "length" in e):

@@ -64,7 +64,8 @@ def main() -> None:
     if args.write_results:
         from attncap.report import replace_section
 
-        replace_section(Path(__file__).parent / "RESULTS.md", "## Spilling (store with spill_dir)\n\n" + "\n".join(lines))
+        section = "## Spilling (store with spill_dir)\n\n" + "\n".join(lines)
+        replace_section(Path(__file__).parent / "RESULTS.md", section)
 
 
 if __name__ == "__main__":

@@ -89,8 +89,9 @@ def cases(draw, max_grid: int, dims: tuple[int, ...], max_batch: int = 2):
     request["stats"] = tuple(draw(st.lists(st.sampled_from(["entropy", "peak", "colsum"]), max_size=3, unique=True)))
     request["map"] = draw(st.sampled_from([None, True]))
     mask = draw(st.sampled_from([None, "bool", "additive", "padding", "causal"]))
-    return Case(draw(st.integers(1, max_batch)), H, Hk, nq, nk, draw(st.sampled_from(dims)), draw(st.sampled_from(DTYPES)),
-                draw(st.sampled_from(["bhsd", "bshd"])), mask, request, draw(st.integers(0, 2**31 - 1)))
+    return Case(draw(st.integers(1, max_batch)), H, Hk, nq, nk, draw(st.sampled_from(dims)),
+                draw(st.sampled_from(DTYPES)), draw(st.sampled_from(["bhsd", "bshd"])), mask, request,
+                draw(st.integers(0, 2**31 - 1)))
 
 
 def make(c: Case):
@@ -221,7 +222,7 @@ def test_nonfinite_inputs_poison_exactly_their_rows(where: str, backend: str):
     """The documented policy (attncap.nonfinite): NaN exactly where a poisoned row enters, on both backends,
     and every other value as if the poisoned rows were not there (they never leak into other rows)."""
     g = torch.Generator().manual_seed(FUZZ_SEED)
-    q, k, v = torch.randn(2, 2, 5, 8, generator=g), torch.randn(2, 1, 7, 8, generator=g), torch.randn(2, 1, 7, 8, generator=g)
+    q, k, v = (torch.randn(2, heads, n, 8, generator=g) for heads, n in ((2, 5), (1, 7), (1, 7)))
     mask = torch.randn(2, 1, 5, 7, generator=g)
     POISON[where](q, k, v, mask)
     bad = _rows_mask(EXPECTED_ROWS[where])

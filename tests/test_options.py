@@ -44,7 +44,7 @@ BAD_OPTIONS = [
     (dict(pool="4"), TypeError, r"pool must be"),
     (dict(pool=(1, 2, 2, 2)), ValueError, r"pool must be an int or 2 / 3 factors"),
     (dict(steps=2.5), TypeError, r"steps must be 'all', 'last', a step index"),
-    (dict(steps=[-1]), ValueError, r"steps holds step indices \(ints >= 0\); got -1; steps='last' takes the final step"),
+    (dict(steps=[-1]), ValueError, r"steps holds step indices \(ints >= 0\); got -1; steps='last' takes the final"),
     (dict(steps="first"), ValueError, r"steps must be 'all', 'last'"),
     (dict(steps=[]), ValueError, r"steps is empty"),
     (dict(steps=[0, True]), TypeError, r"steps holds step indices"),

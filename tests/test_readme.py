@@ -110,7 +110,8 @@ def stand_ins(source: str, tmp: Path) -> tuple[str, dict]:
         names.update(model=tiny_qwen2_vl(), inputs=inputs)
     if "my_dit" in used:
         g = torch.Generator().manual_seed(0)
-        names.update(my_dit=TwoPartDiT(), x=torch.randn(1, 2, 64, 8, generator=g), text=torch.randn(1, 16, 24, generator=g))
+        names.update(my_dit=TwoPartDiT(), x=torch.randn(1, 2, 64, 8, generator=g),
+                     text=torch.randn(1, 16, 24, generator=g))
     return source, names
 
 

@@ -1,6 +1,5 @@
 """attncap.store: selection, aggregation, token maps, save/load, spilling, budget, offload (CPU, fast)."""
 import json
-from contextlib import nullcontext
 
 import pytest
 import torch
@@ -295,6 +294,9 @@ def test_calls_keep_their_own_prompt_tokens(tmp_path):
     back = load(tmp_path / "c")
     assert back.call_tokens == s.call_tokens and [r.call for r in back] == [0, 1]
     torch.testing.assert_close(back.token_map("cat"), both)
+    back.tokens = {"text": ["cat</w>", "a</w>", "<s>"]}   # the user's tokens label every call
+    assert back.call_tokens == {} and back.tokens_of(1) == back.tokens
+    torch.testing.assert_close(back.token_map("cat", call=1), second[0, 0, :, 0].reshape(4, 4))
 
 
 def test_budget_exceeded_keeps_earlier_records(tmp_path):
