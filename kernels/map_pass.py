@@ -18,6 +18,9 @@ and pooled in registers. The pass streams like a forward:
   the one program that owns them, no atomics); when the heads are split over several programs
   (to fill the GPU), their partials are summed afterwards in a fixed order: deterministic.
 
+Memory besides the output: the key copy [B, Hk, Lk, D padded to a power of two] in k's dtype
+(320 MiB at WAN 480p, 40 heads) and the split partials (at most PARTIAL_BYTES).
+
 Shape legend: B batch, H query heads, Hk key heads, G head groups (output heads), HPG heads per
 group, Qb/Kb query/key bins, Lq/Lk padded slots, S partial splits.
 """

@@ -226,15 +226,19 @@ def results_section(rows: list[dict], arch: int) -> str:
              f"`python tools/compile_kernels.py --arch {arch} --write-results benchmarks/RESULTS.md` runs the real "
              "launchers on meta tensors at each shape (q, k, v as BSHD views, as diffusers passes them), compiles "
              "each launch with the runtime's own argument specialisation and launch config for this architecture, "
-             "and reads ptxas -v. *pipelined*: the loop loads are asynchronous copies with a wait that leaves "
-             "copies in flight (read from the TTGIR); *wgmma*: the dots use Hopper's warpgroup MMA. Compile facts, "
-             "not timings.", "",
+             "and reads ptxas -v. *pipelined*: Triton's software pipeliner turned the loop's loads into asynchronous "
+             "copies issued ahead of the iteration that uses them (read from the TTGIR); *wgmma*: the dots use "
+             "Hopper's warpgroup MMA. Compile facts, not timings.", "",
              "| variant | tile | warps | stages | registers | spills st/ld (B) | shared KiB | pipelined | wgmma |",
              "|---|---|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['block_m']}x{r['block_n']} | {r['num_warps']} | {r['num_stages']} | "
                      f"{r['registers']} | {r['spill_stores']}/{r['spill_loads']} | {r['shared_bytes'] / 1024:.0f} | "
                      f"{'yes' if r['pipelined'] else 'no'} | {'yes' if r['wgmma'] else 'no'} |")
+    flat = [r["variant"] for r in rows if not r["pipelined"]]
+    lines += ["", f"Not pipelined: {', '.join(flat) if flat else 'none'}. (A head dim that is not a multiple of 16 "
+              "elements, 40 or 72 in BSHD layout, gives the pointers no 16-byte alignment hint, so the forward's K/V "
+              "loads stay synchronous; the map pass reads its own padded key copy and pipelines at every head dim.)"]
     spills = [r["variant"] for r in rows if r["spill_stores"] or r["spill_loads"]]
     over = [r["variant"] for r in rows if r["shared_bytes"] > configs.SHARED_LIMIT[arch]]
     lines += ["", f"Spilling variants: {', '.join(spills) if spills else 'none'}. Over sm_{arch}'s "
