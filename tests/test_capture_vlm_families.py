@@ -311,10 +311,16 @@ def test_logit_softcapping_refused_before_the_forward():
                                            num_attention_heads=2, num_key_value_heads=1, head_dim=16,
                                            attn_logit_softcapping=50.0, pad_token_id=PAD)).eval()
     before = model.config._attn_implementation
-    with pytest.raises(ValueError, match=r"attn_logit_softcapping=50.0.*tanh"):
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn: attn_logit_softcapping=50.0.*tanh"):
         with attncap.capture(model):
             raise AssertionError("the block must not run")
     assert model.config._attn_implementation == before
+    ids = torch.randint(3, 60, (1, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        with attncap.capture(model, layers="nothing.*"):  # no softcapped layer selected: runs as before
+            left_alone = model(input_ids=ids).logits
+    torch.testing.assert_close(left_alone, plain, atol=1e-6, rtol=1e-6)
 
 
 def test_image_token_id_found_in_vision_config():

@@ -11,14 +11,15 @@
   is then normalised over the real keys and the sink, as eager's weights are; the sink's own
   column is a "sink" key segment.
 - Logit softcapping (Gemma 2: scores = cap * tanh(scores / cap)) has no exact form in attncap's
-  kernels: a model that sets it is refused before the forward (``check_model``).
+  kernels: a capture that selects such a layer is refused before the forward (``check_model``); the
+  layers it leaves alone soft-cap on the model's eager attention as before.
 
 Shape legend: B batch, H query heads, Hk key heads, Nq queries, Nk keys, D head dim, Dv value dim.
 """
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -28,17 +29,19 @@ SINK_KWARGS = ("s_aux", "sinks")
 SOFTCAP_ATTRS = ("attn_logit_softcapping",)
 
 
-def check_model(configs: list) -> None:
-    """Refuse, before anything is installed, a model whose attention attncap cannot reproduce."""
-    for cfg in configs:
+def check_model(model: torch.nn.Module, wants_layer: Callable[[str], bool]) -> None:
+    """Refuse, before anything is installed, a capture of layers whose attention attncap cannot
+    reproduce (layers not selected keep running on the model's own attention)."""
+    for name, module in model.named_modules():
         for attr in SOFTCAP_ATTRS:
-            cap = getattr(cfg, attr, None)
-            if cap is not None:
-                raise ValueError(
-                    f"{type(cfg).__name__}.{attr}={cap}: this model soft-caps its attention logits "
-                    f"(scores = cap * tanh(scores / cap)), which attncap's kernels do not compute, so capture "
-                    f"would change its outputs. Nothing was captured. Capture a model without logit "
-                    f"softcapping, or set config.{attr}=None first if different outputs are acceptable")
+            cap = getattr(module, attr, None)
+            if cap is None or isinstance(cap, torch.nn.Module) or not wants_layer(name):
+                continue
+            raise ValueError(
+                f"{name}: {attr}={cap}: this layer soft-caps its attention logits (scores = cap * tanh(scores / "
+                f"cap)), which attncap's kernels do not compute, so capture would change the model's outputs. "
+                f"Nothing was captured. Select layers without logit softcapping (layers=...), or set "
+                f"config.{attr}=None before loading the model if different outputs are acceptable")
 
 
 def sinks_of(kwargs: dict) -> torch.Tensor | None:

@@ -206,7 +206,7 @@ class TransformersCapture:
     def install(self) -> None:
         check_steps(self.session, "generation")
         configs = _configs(self.model)
-        check_model(configs)
+        check_model(self.model, self.session.config.wants_layer)
         register()
         self.token_ids = _token_ids(self.model, configs)
         try:
