@@ -28,13 +28,21 @@ import torch
 def poisoned_rows(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, mask_kind: int,
                   lse: torch.Tensor | None = None) -> torch.Tensor:
     """bool [B, H, Nq]: the rows the policy poisons. q [B, H, Nq, D], k [B, Hk, Nk, D] (BHSD views),
-    mask a [B, H, Nq, Nk] view (mask_kind 2: float scores added), lse [B, H, Nq] or None."""
+    mask a [B, H, Nq, Nk] view (mask_kind 2: float scores added), lse [B, H, Nq] or None.
+
+    Only reductions (max and min propagate NaN): no temporary of the inputs' size, and a broadcast
+    mask is reduced over its own extent, not over the [B, H, Nq, Nk] it stands for."""
+    inf = float("inf")
     H, Hk = q.shape[1], k.shape[1]
-    bad = ~torch.isfinite(q).all(-1)
-    bad_keys = ~torch.isfinite(k).flatten(2).all(-1)                       # [B, Hk]
+    bad = ~((q.amax(-1) < inf) & (q.amin(-1) > -inf))
+    bad_keys = ~((k.amax((-2, -1)) < inf) & (k.amin((-2, -1)) > -inf))            # [B, Hk]
     bad = bad | bad_keys.repeat_interleave(H // Hk, dim=1)[:, :, None]
     if mask is not None and mask_kind == 2:
-        bad = bad | (torch.isnan(mask) | torch.isposinf(mask)).any(-1)
+        own = mask
+        for d in range(3):  # the broadcast axes of the view: reduce one slice, broadcast the result
+            if own.stride(d) == 0:
+                own = own.narrow(d, 0, 1)
+        bad = bad | ~(own.amax(-1) < inf)  # NaN or +inf; -inf masks a key
     if lse is not None:
         bad = bad | torch.isnan(lse) | torch.isposinf(lse)
     return bad

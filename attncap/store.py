@@ -51,7 +51,8 @@ class Record:
     key_grid: tuple[int, ...] | None = None
     heads: str | tuple[int, ...] = "mean"
     meta: dict = field(default_factory=dict)
-    call: int = 0  # which pipeline call (model call, generate call) of the capture block
+    call: int = 0  # which pipeline call of the block (diffusers: a step past a run's last starts the next;
+    #                the generic and transformers paths count steps over the whole block, call 0)
 
     @property
     def nbytes(self) -> int:
