@@ -228,3 +228,20 @@ def test_gpu_backends_are_captured(backend, package):
     # bf16 activations: the captured output differs from the backend's by bf16 rounding of the attention
     assert (out - plain).norm() <= 2e-2 * plain.norm()
     check_records(store, truth, WAN_LAYOUT, pool=(2, 2, 2), stats=("entropy", "colsum"), atol=2e-3)
+
+
+def test_generic_capture_of_a_diffusers_model_on_flex():
+    """layout= captures a diffusers model generically; its dispatcher's backends are routed too."""
+    model = wan_model()
+    call = wan_call(model)
+    _use_backend(model, "flex")
+    layout = [("video", NV, VIDEO_GRID), ("text", TEXT, None)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.no_grad():
+            plain = first_tensor(call())
+        with attncap.capture(model, layout=layout, layers="*attn2") as store, torch.no_grad():
+            out = first_tensor(call())
+    torch.testing.assert_close(out, plain, atol=2e-5, rtol=1e-4)
+    assert {(r.layer, r.relation) for r in store.records} == {
+        ("blocks.0.attn2", "video->text"), ("blocks.1.attn2", "video->text")}

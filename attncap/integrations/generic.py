@@ -1,7 +1,9 @@
 """Capture any torch.nn.Module that calls scaled_dot_product_attention (PartCrafter, the original Wan
 code, your own DiT), however it imported the function.
 
-The SDPA calls are caught by a TorchFunctionMode (attncap.intercept); forward pre-hooks on every
+The SDPA calls are caught by a TorchFunctionMode (attncap.intercept), and, when diffusers is loaded,
+its dispatcher's attention backends too (a diffusers model captured with layout=, on flex or flash
+alike: attncap.integrations.diffusers.dispatch); forward pre-hooks on every
 submodule track the innermost module running, whose path ("blocks.0.attn") names the layer. Each
 call of the top module's forward is one step. The token layout of a call comes from the user:
 
@@ -18,12 +20,13 @@ relations="auto" means every pair of segments of a call.
 from __future__ import annotations
 
 import math
+import sys
 from contextlib import ExitStack
 from typing import Any, Callable, Sequence
 
 import torch
 
-from ..intercept import intercept_sdpa
+from ..intercept import handling, intercept_sdpa
 from ..session import CallLayout, CaptureSession, Segment
 
 ROOT = "root"  # the layer name of SDPA calls made by the top module's own forward
@@ -145,6 +148,11 @@ class GenericCapture:
                 self._hooks.append(sub.register_forward_pre_hook(self._push(layer)))
                 self._hooks.append(sub.register_forward_hook(self._pop(layer), always_call=True))
             self._exit.enter_context(intercept_sdpa(self._handler))
+            if "diffusers" in sys.modules:
+                from .diffusers.dispatch import dispatcher_routed
+
+                self._exit.enter_context(dispatcher_routed())
+                self._exit.enter_context(handling(self))
         except Exception:
             self.restore()
             raise
@@ -178,6 +186,18 @@ class GenericCapture:
                 del self._stack[len(self._stack) - 1 - self._stack[::-1].index(layer):]
 
         return hook
+
+    def from_dispatch(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                      enable_gqa=False, _parallel_config=None, **backend_kwargs):
+        """A diffusers backend's call ([B, N, H, D]; a [B, Nk] mask is key padding): the SDPA handler's."""
+        if _parallel_config is not None or (attn_mask is not None and not isinstance(attn_mask, torch.Tensor)):
+            return None
+        if isinstance(attn_mask, torch.Tensor) and attn_mask.dim() == 2 and \
+                tuple(attn_mask.shape) == (query.shape[0], key.shape[1]):
+            attn_mask = attn_mask[:, None, None, :]
+        out = self._handler(*(x.transpose(1, 2) for x in (query, key, value)), attn_mask=attn_mask,
+                            dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+        return None if out is None else out.transpose(1, 2)
 
     def _handler(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                  enable_gqa=False):
