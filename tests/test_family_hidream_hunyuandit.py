@@ -47,7 +47,7 @@ def test_hidream_image_and_three_text_runs(hw, grid, total):
         segs["image_padding"] = (n, total, None)
     inputs = hidream_inputs(hw)
     check_family(model, lambda: model(**inputs), {"*": [(segs, segs)]}, pool=2)
-    assert default_relations(model, lambda: model(**inputs)) == {("image->text", grid)}
+    assert default_relations(model, lambda: model(**inputs)) == {("image->text", grid), ("image->text_2", grid)}
 
 
 # ------------------------------------------------------------------------------------ HunyuanDiT

@@ -9,6 +9,7 @@ layer to [image, T5, Llama] the same way. So every call is
 
 Non-square latents are padded to max_resolution's token count; the padded image tokens' keys are
 zeroed (hidden_states_masks), not masked, so they take probability: filed as image_padding.
+The default relations are the image's attention to both encodings of the prompt (text, text_2).
 The pipeline batches [uncond, cond] in one call and passes t.
 """
 from __future__ import annotations
@@ -46,5 +47,6 @@ HIDREAM = Family(
     denoisers=("HiDreamImageTransformer2DModel",),
     observe=_observe,
     attention=(("*", (("image+image_padding+text+text_2+text_2_layer", "image+text+text_2+text_2_layer"),)),),
+    default_relations=("image->text", "image->text_2"),   # the prompt through T5 and through Llama
     timestep=Timestep(1, "timesteps"),
 )
