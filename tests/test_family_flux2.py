@@ -92,9 +92,10 @@ def tiny_chroma():
 def chroma_inputs(valid: int | None = None) -> dict:
     g = torch.Generator().manual_seed(1)
     img_ids = torch.zeros(NI, 3)
-    img_ids[:, 1], img_ids[:, 2] = torch.arange(GRID[0]).repeat_interleave(GRID[1]), torch.arange(GRID[1]).repeat(GRID[0])
-    out = dict(hidden_states=torch.randn(1, NI, 4, generator=g), encoder_hidden_states=torch.randn(1, TEXT, 32, generator=g),
-               img_ids=img_ids, txt_ids=torch.zeros(TEXT, 3), timestep=torch.tensor([0.6]))
+    img_ids[:, 1] = torch.arange(GRID[0]).repeat_interleave(GRID[1])
+    img_ids[:, 2] = torch.arange(GRID[1]).repeat(GRID[0])
+    out = dict(hidden_states=torch.randn(1, NI, 4, generator=g), img_ids=img_ids, txt_ids=torch.zeros(TEXT, 3),
+               encoder_hidden_states=torch.randn(1, TEXT, 32, generator=g), timestep=torch.tensor([0.6]))
     if valid is not None:   # ChromaPipeline: prompt mask (float, one padding token kept) + ones for the image
         prompt = (torch.arange(TEXT) <= valid).float()[None]
         out["attention_mask"] = torch.cat([prompt, torch.ones(1, NI, dtype=torch.bool)], dim=1)

@@ -21,7 +21,8 @@ def tiny_hidream():
     from diffusers import HiDreamImageTransformer2DModel
 
     torch.manual_seed(0)
-    return HiDreamImageTransformer2DModel(patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1,
+    return HiDreamImageTransformer2DModel(patch_size=2, in_channels=4, out_channels=4, num_layers=1,
+                                          num_single_layers=1,
                                           attention_head_dim=8, num_attention_heads=2, caption_channels=[8, 4],
                                           text_emb_dim=8, num_routed_experts=2, num_activated_experts=2,
                                           axes_dims_rope=(4, 2, 2), max_resolution=(16, 16), llama_layers=(0, 1),

@@ -38,7 +38,8 @@ def _mask(valid: int | None):
 
 def pixart_inputs(valid: int | None = None) -> dict:
     g = torch.Generator().manual_seed(1)
-    return dict(hidden_states=torch.randn(1, 4, *HW, generator=g), encoder_hidden_states=torch.randn(1, TEXT, 16, generator=g),
+    return dict(hidden_states=torch.randn(1, 4, *HW, generator=g),
+                encoder_hidden_states=torch.randn(1, TEXT, 16, generator=g),
                 encoder_attention_mask=_mask(valid), timestep=torch.tensor([600]),
                 added_cond_kwargs={"resolution": None, "aspect_ratio": None})
 
@@ -103,7 +104,8 @@ def tiny_sana():
 
 def sana_inputs(valid: int | None = None) -> dict:
     g = torch.Generator().manual_seed(1)
-    return dict(hidden_states=torch.randn(1, 4, *HW, generator=g), encoder_hidden_states=torch.randn(1, TEXT, 8, generator=g),
+    return dict(hidden_states=torch.randn(1, 4, *HW, generator=g),
+                encoder_hidden_states=torch.randn(1, TEXT, 8, generator=g),
                 encoder_attention_mask=_mask(valid), timestep=torch.tensor([400]))
 
 
