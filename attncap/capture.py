@@ -10,6 +10,7 @@ from typing import Any, Sequence
 import torch
 
 from . import claims, options
+from .compiled import CompiledCaches
 from .session import CaptureConfig, CaptureSession
 from .store import Store
 
@@ -92,6 +93,7 @@ class Capture:
                                "again for each block")
         self._state = "open"
         self._claim = claims.claim(self.target, self.where)
+        self._compiled = CompiledCaches(self.target)
         try:
             store = self._store = Store(**self.store_args)
             session = self._session = CaptureSession(self.config, store, backend=self.backend, cp_store=self.cp_store)
@@ -123,6 +125,7 @@ class Capture:
         try:
             if installed is not None:
                 installed.restore()
+                self._compiled.drop_changed()  # a compiled model runs whole again after the block
         finally:
             try:
                 if store is not None:

@@ -251,12 +251,18 @@ class CaptureSession:
                              "pick head indices below that, 'mean' or 'all', or layers with more heads")
         out, products = attention(q, k, v, scale=scale, attn_mask=attn_mask, is_causal=is_causal,
                                   request=[w[3] for w in wanted], backend=self.backend, layout=layout_name)
+        self._file_call(layer, layout, wanted, products)
+        return out
+
+    @torch.compiler.disable
+    def _file_call(self, layer: str, layout: CallLayout, wanted, products) -> None:
+        """File one call's products. Never traced by torch.compile (the store reads sizes and moves data
+        on the host): where capture_call runs inside a compiled graph, filing is one graph break after it."""
         for (relation, qseg, kseg, request), prods in zip(wanted, products):
             for kind, data in prods.items():
                 if relation == FULL:
                     data = in_sequence_order(kind, data, layout.query_order, layout.key_order)
                 self._file(layer, relation, kind, data, request, qseg, kseg, layout.sample)
-        return out
 
     def _file(self, layer, relation, kind, data, request: MapRequest, qseg: Segment, kseg: Segment,
               sample: tuple[int, int] | None = None) -> None:

@@ -178,3 +178,114 @@ def test_cuda_graph_replays_a_captured_call():
         graph.replay()
         out, products = attncap.attention(q, k, v, request=request)
         assert_same((static_out, static_products), (out, products))
+
+
+# ---- capture of compiled diffusers models --------------------------------------------------------
+# Each denoiser is called directly (attncap.capture on the model: one call = one step) with fixed
+# inputs, twice inside the block (the steps' records must not depend on compiled state). Compiled
+# before the block and called once, so the block starts from a warm cache, as in use.
+
+def _wan():
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)  # tests/tiny_transformers.py's tiny Wan with one block (compiling is the cost here)
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16,
+                                  out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=1,
+                                  cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+    g = torch.Generator().manual_seed(1)
+    inputs = dict(hidden_states=torch.randn(1, 16, 3, 6, 10, generator=g), timestep=torch.tensor([500.0]),
+                  encoder_hidden_states=torch.randn(1, 6, 32, generator=g), return_dict=False)
+    return model, inputs
+
+
+def _flux():
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                   attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                   pooled_projection_dim=24, guidance_embeds=False, axes_dims_rope=(4, 4, 8))
+    g = torch.Generator().manual_seed(1)
+    h, w, text = 4, 6, 7
+    img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(h).float(), torch.arange(w).float(),
+                                         indexing="ij"), -1)
+    inputs = dict(hidden_states=torch.randn(1, h * w, 16, generator=g),
+                  encoder_hidden_states=torch.randn(1, text, 32, generator=g),
+                  pooled_projections=torch.randn(1, 24, generator=g), timestep=torch.tensor([0.5]),
+                  img_ids=img_ids.reshape(-1, 3).float(), txt_ids=torch.zeros(text, 3), return_dict=False)
+    return model, inputs
+
+
+def _unet():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    model = UNet2DConditionModel(
+        block_out_channels=(8,), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",), mid_block_type=None,
+        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4)
+    g = torch.Generator().manual_seed(1)
+    inputs = dict(sample=torch.randn(2, 4, 6, 10, generator=g), timestep=torch.tensor(500),
+                  encoder_hidden_states=torch.randn(2, 7, 16, generator=g), return_dict=False)
+    return model, inputs
+
+
+MODELS = {"wan": _wan, "flux": _flux, "unet": _unet}
+
+
+def _captured_run(model, inputs):
+    with torch.no_grad(), attncap.capture(model, relations="all", pool=2, stats=("entropy", "colsum")) as store:
+        outs = [model(**inputs)[0] for _ in range(2)]
+    return outs, store
+
+
+class GraphCalls:
+    """A torch.compile backend that counts how many compiled graphs run: a model that runs whole
+    takes one graph per call (regional compile: one per block)."""
+
+    def __init__(self, name: str):
+        self.inner = torch._dynamo.lookup_backend(name)
+        self.calls = 0
+
+    def __call__(self, gm, example_inputs):
+        compiled = self.inner(gm, example_inputs)
+
+        def run(*args):
+            self.calls += 1
+            return compiled(*args)
+
+        return run
+
+    def per_call(self, model, inputs) -> int:
+        before = self.calls
+        with torch.no_grad():
+            model(**inputs)
+        return self.calls - before
+
+
+@pytest.mark.parametrize("name, backend, regional", [
+    ("wan", "aot_eager", False), ("flux", "aot_eager", True), ("unet", "aot_eager", False), ("wan", "inductor", True)])
+def test_compiled_model_capture_equals_eager_capture(name, backend, regional):
+    model, inputs = MODELS[name]()
+    with torch.no_grad():
+        plain = model(**inputs)[0]
+    eager_outs, eager_store = _captured_run(model, inputs)
+    counting = GraphCalls(backend)
+    if regional:
+        model.compile_repeated_blocks(backend=counting)
+    else:
+        model.compile(backend=counting)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs)[0], plain, atol=1e-5, rtol=1e-5)
+    graphs_per_call = counting.per_call(model, inputs)
+    outs, store = _captured_run(model, inputs)
+    for out, eager_out in zip(outs, eager_outs):
+        torch.testing.assert_close(out, eager_out, atol=1e-5, rtol=1e-5)   # fp32 CPU: kernels' rounding
+    key = lambda r: (r.layer, r.step, r.relation, r.kind, r.branch)  # noqa: E731
+    assert [key(r) for r in store.records] == [key(r) for r in eager_store.records] and store.records
+    for r, e in zip(store.records, eager_store.records):
+        torch.testing.assert_close(r.data, e.data, atol=1e-5, rtol=1e-5, msg=lambda m, r=r: f"{key(r)}: {m}")
+    # After the block the model compiles once more, whole, and runs as before: as many graphs per call.
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs)[0], plain, atol=1e-5, rtol=1e-5)
+    assert counting.per_call(model, inputs) == graphs_per_call, "the model still runs split after the block"

@@ -30,7 +30,9 @@ def is_diffusers_target(target: Any) -> bool:
 def _denoisers(target: Any) -> list[tuple[str, torch.nn.Module]]:
     components = getattr(target, "components", None)
     if isinstance(components, dict):
-        found = [(n, components[n]) for n in DENOISER_COMPONENTS if components.get(n) is not None]
+        # torch.compile(model) wraps it in an OptimizedModule: processors and hooks go on the model inside
+        found = [(n, getattr(components[n], "_orig_mod", components[n])) for n in DENOISER_COMPONENTS
+                 if components.get(n) is not None]
         if not found:
             raise ValueError(f"{type(target).__name__} has no denoiser among {DENOISER_COMPONENTS}; "
                              f"its components are {sorted(components)}")
@@ -142,7 +144,8 @@ class DiffusersCapture:
                 self._check_budget(family, states["state"], model, args, kwargs, 2)
             return None
 
-        return hook
+        # Step and budget bookkeeping reads the timestep tensor on the host: never traced by torch.compile.
+        return torch.compiler.disable(hook)
 
     def _check_budget(self, family: Family, state: dict, model: torch.nn.Module, args, kwargs,
                       calls_per_step: int) -> None:

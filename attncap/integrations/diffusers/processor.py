@@ -136,6 +136,14 @@ class CaptureProcessor:
     def _run(self, attn, *args, **kwargs):
         if not self.session.state.active:
             return self.original(attn, *args, **kwargs)
+        return self._captured(attn, *args, **kwargs)
+
+    @torch.compiler.disable
+    def _captured(self, attn, *args, **kwargs):
+        """A captured call. Under torch.compile it runs eagerly, between two graphs (one graph break on
+        each side): its routing (context variables, the SDPA mode, the dispatcher's wrappers) and the
+        filing into the store are Python that Dynamo cannot trace; attncap.attention itself compiles
+        (fullgraph=True) wherever it is called from traced code. See attncap.compiled."""
         handler = CallHandler(self)
         self.session.entered(self.layer)
         with handling(handler), intercept_sdpa(), classic_scores(attn, handler):

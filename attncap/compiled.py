@@ -1,0 +1,78 @@
+"""Capture of torch.compile'd models: after a capture block, the model's code compiles afresh.
+
+Inside a capture block a captured layer's processor call runs outside the compiled graph (the
+integrations mark it with torch.compiler.disable: its Python routing and the filing into the store
+cannot be traced), so Dynamo compiles the model's frames again, split at those calls. Dynamo keeps
+the entries it compiled then, and an entry whose graph ends before the first attention guards on
+nothing the capture changed: after the block it would still match, checked before the model's
+original entry, and the model would keep running in pieces; and a frame whose new compile failed
+inside the block keeps a "run eagerly" mark that splits it after the block too. So a capture notes,
+on entry, how many compiled entries each code object holds and, on exit, drops (Dynamo's
+reset_code) every code object whose entries changed, and the forward code of every module of the
+captured target: the first call after the block compiles the model once more, whole, as it was
+before the block. Other compiled code keeps its entries.
+
+This reads Dynamo's private cache lists (torch._dynamo.convert_frame.input_codes and
+eval_frame._debug_get_cache_entry_list); if a torch version lacks them, nothing is dropped and the
+capture still works (the model then may stay split after the block).
+"""
+from __future__ import annotations
+
+from types import CodeType
+from typing import Any
+
+import torch
+
+
+def _entries(code: CodeType) -> int:
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    return len(_debug_get_cache_entry_list(code))
+
+
+def _codes() -> list[CodeType]:
+    from torch._dynamo.convert_frame import input_codes
+
+    return [code for code in (ref() for ref in input_codes.seen) if code is not None]  # weak references
+
+
+def _module_codes(target: Any) -> set[CodeType]:
+    """The forward code objects (decorators' wrappers included) of every module of ``target``
+    (a module, a torch.compile'd module or a pipeline with modules among its components)."""
+    roots = [target] if isinstance(target, torch.nn.Module) else \
+        [c for c in (getattr(target, "components", None) or {}).values() if isinstance(c, torch.nn.Module)]
+    codes = set()
+    for root in roots:
+        for module in getattr(root, "_orig_mod", root).modules():
+            fn = type(module).forward
+            while fn is not None:
+                if hasattr(fn, "__code__"):
+                    codes.add(fn.__code__)
+                fn = getattr(fn, "__wrapped__", None)
+    return codes
+
+
+class CompiledCaches:
+    """Dynamo's compiled entries per code object at the start of a capture block of ``target``."""
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
+        try:
+            self.before: dict[CodeType, int] | None = {code: _entries(code) for code in _codes()}
+        except (ImportError, AttributeError):
+            self.before = None
+
+    def drop_changed(self) -> int:
+        """Reset the target's module code and every code object whose compiled entries changed since
+        __init__ (only where Dynamo compiled anything); return how many were reset."""
+        if self.before is None:
+            return 0
+        from torch._dynamo.eval_frame import reset_code
+
+        changed = [code for code in _codes() if _entries(code) != self.before.get(code, 0)]
+        if not changed:
+            return 0  # the model is not compiled, or the block compiled nothing
+        changed = set(changed) | {code for code in _module_codes(self.target) if code in self.before}
+        for code in changed:
+            reset_code(code)
+        return len(changed)
