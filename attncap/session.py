@@ -122,6 +122,7 @@ class StepState:
     total_steps: int | None = None
     cfg_batched: bool = False   # SD/SD3: [uncond, cond] halves in one batch
     cfg_separate: bool = False  # Flux/Wan: a cond call, then an uncond call
+    cfg_order: tuple[str, str] = ("uncond", "cond")  # the branches of a batched call's halves (Z-Image: cond first)
     active: bool = False        # this denoiser call is captured
     call: int = 0               # the pipeline call: a step past the last run's total_steps starts the next
     thread: threading.Thread | None = None  # the thread whose model calls this capture follows
@@ -285,14 +286,16 @@ class CaptureSession:
         if sample is not None:
             index, batch = sample
             branch = self.state.branch_of_call()
-            if self.state.cfg_batched and batch % 2 == 0:   # [uncond samples, cond samples]
-                branch, index = ("uncond", index) if index < batch // 2 else ("cond", index - batch // 2)
+            if self.state.cfg_batched and batch % 2 == 0:   # [first-branch samples, second-branch samples]
+                first, second = self.state.cfg_order
+                branch, index = (first, index) if index < batch // 2 else (second, index - batch // 2)
             meta["sample"] = index
             self.store.add(Record(branch=branch, data=data, **common))
         elif self.state.cfg_batched and data.shape[0] % 2 == 0:
             half = data.shape[0] // 2
-            self.store.add(Record(branch="uncond", data=data[:half], **common))
-            self.store.add(Record(branch="cond", data=data[half:], **common))
+            first, second = self.state.cfg_order
+            self.store.add(Record(branch=first, data=data[:half], **common))
+            self.store.add(Record(branch=second, data=data[half:], **common))
         else:
             self.store.add(Record(branch=self.state.branch_of_call(), data=data, **common))
         self.ledger.filed(layer)

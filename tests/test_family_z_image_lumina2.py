@@ -69,13 +69,20 @@ def test_z_image_pipeline_cond_first_batch_and_flipped_timesteps():
                           tokenizer=None, transformer=tiny_z_image())
     pipe.set_progress_bar_config(disable=True)
     g = torch.Generator().manual_seed(2)
-    with attncap.capture(pipe, layers="*layers*") as store:
-        pipe(prompt_embeds=[torch.randn(7, 16, generator=g)], negative_prompt_embeds=[torch.randn(3, 16, generator=g)],
-             height=24, width=40, num_inference_steps=2, guidance_scale=4.0, output_type="latent",
-             generator=torch.Generator().manual_seed(0))
-    # 24x40 -> latent 12x20 -> 6x10 tokens; the pipeline batches [cond, uncond]: kept whole, no branch
-    assert sorted(r.step for r in store.records) == [0, 1]
-    assert all(r.branch is None and r.data.shape[0] == 2 and r.query_grid == (6, 10) for r in store.records)
+    cond, uncond = torch.randn(7, 16, generator=g), torch.randn(3, 16, generator=g)
+
+    def run(guidance: float):
+        with attncap.capture(pipe, layers="*layers*") as store:
+            pipe(prompt_embeds=[cond], negative_prompt_embeds=[uncond], height=24, width=40, num_inference_steps=2,
+                 guidance_scale=guidance, output_type="latent", generator=torch.Generator().manual_seed(0))
+        return store
+
+    store = run(4.0)
+    # 24x40 -> latent 12x20 -> 6x10 tokens; the pipeline batches [cond, uncond]: the first half is cond
+    assert sorted((r.step, r.branch) for r in store.records) == [(0, "cond"), (0, "uncond"), (1, "cond"), (1, "uncond")]
+    assert all(r.data.shape[0] == 1 and r.query_grid == (6, 10) for r in store.records)
+    alone = run(1.0).get(step=0)[0]   # no guidance: the cond sample alone, from the same first latents
+    torch.testing.assert_close(store.get(step=0, branch="cond")[0].data, alone.data)
     timesteps = pipe.scheduler.timesteps
     assert all(abs(r.timestep - float(timesteps[r.step])) < 1e-2 for r in store.records)
 

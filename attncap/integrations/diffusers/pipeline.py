@@ -130,9 +130,8 @@ class DiffusersCapture:
                     do_cfg = (getattr(self.pipeline, "guidance_scale", None) or 0) > 1
             do_cfg = bool(do_cfg)
             st.cfg_separate = family.separate_cfg_calls
-            # the session splits batches as [uncond, cond]; a [cond, uncond] batch (Z-Image) stays whole
-            st.cfg_batched = (do_cfg and not family.separate_cfg_calls
-                              and getattr(family, "batched_cfg_order", ("uncond", "cond")) == ("uncond", "cond"))
+            st.cfg_batched = do_cfg and not family.separate_cfg_calls
+            st.cfg_order = family.batched_cfg_order   # Z-Image batches [cond, uncond]
             st.active = self.session.config.wants_step(st.step, st.total_steps)
             if not self._checked:
                 self._checked = True

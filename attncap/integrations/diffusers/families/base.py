@@ -104,6 +104,7 @@ class Family:
     default_relations: tuple[str, ...] = ("image->text",)
     timestep: Timestep = Timestep()
     separate_cfg_calls: bool = False   # the pipeline calls the denoiser once per guidance branch
+    batched_cfg_order: tuple[str, str] = ("uncond", "cond")   # batch halves when guidance is batched
     no_softmax: tuple[tuple[str, str], ...] = ()   # (layer glob, why it cannot be captured)
     sizes: Callable[[str, Observed], Observed] | None = None   # per-layer segment sizes (UNet levels)
     segments: tuple[str, ...] = field(default=())   # every segment name the family can have

@@ -20,7 +20,6 @@ sample 0 the prompt, sample 1 the negative prompt).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 from .base import Family, arg
 from .timesteps import FlippedTimestep
@@ -44,13 +43,8 @@ def _observe(model, args, kwargs):
             "text": (max(_padded(len(c)) for c in caps), None), "tokens": (0, None)}
 
 
-@dataclass(frozen=True)
-class CondFirstFamily(Family):
-    """A family whose pipeline batches guidance as [cond, uncond] (read by the pipeline pre-hook)."""
-    batched_cfg_order: tuple[str, str] = ("cond", "uncond")
-
-
-Z_IMAGE = CondFirstFamily(
+Z_IMAGE = Family(
+    batched_cfg_order=("cond", "uncond"),   # the pipeline batches [cond, uncond]
     name="z_image",
     denoisers=("ZImageTransformer2DModel",),
     observe=_observe,
