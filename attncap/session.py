@@ -25,7 +25,9 @@ from .request import MapRequest
 from .store import Record, Store
 
 SPATIAL = ("image", "video")
-NOT_WORDS = SPATIAL + ("image_ctx",)  # segments whose keys are not words even without a grid
+# segments whose keys are not words even without a grid: tokens= selects keys of the others (text, text_2, ...)
+NOT_WORDS = SPATIAL + ("image_ctx", "cond_image", "image_padding", "padding", "register", "duration", "global",
+                       "history", "context", "joint", "audio", "sink")
 
 
 @dataclass(frozen=True)
