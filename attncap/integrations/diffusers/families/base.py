@@ -61,6 +61,18 @@ def patched_grid(shape, patch) -> tuple[int, ...]:
     return tuple(int(s) // p for s, p in zip(shape, patch))
 
 
+def image_and_text(text_index: int):
+    """observe for the common case: a [B, C, H, W] latent patchified by config.patch_size ("image", its
+    (h, w) grid) and the text sequence encoder_hidden_states at forward position ``text_index``."""
+    def observe(model, args, kwargs) -> Observed:
+        latent = arg(args, kwargs, 0, "hidden_states")
+        grid = patched_grid(latent.shape[-2:], model.config.patch_size)
+        return {"image": (math.prod(grid), grid),
+                "text": (length(arg(args, kwargs, text_index, "encoder_hidden_states")), None)}
+
+    return observe
+
+
 @dataclass(frozen=True)
 class Timestep:
     """Where the denoiser's forward takes its timestep; scale turns it into the scheduler's units."""

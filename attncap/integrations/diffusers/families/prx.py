@@ -6,21 +6,13 @@ boolean key mask. The pipelines batch [uncond, cond] and pass t / num_train_time
 """
 from __future__ import annotations
 
-import math
-
-from .base import Family, Timestep, arg, length, patched_grid
-
-
-def _observe(model, args, kwargs):
-    latent = arg(args, kwargs, 0, "hidden_states")
-    grid = patched_grid(latent.shape[-2:], model.config.patch_size)
-    return {"image": (math.prod(grid), grid), "text": (length(arg(args, kwargs, 2, "encoder_hidden_states")), None)}
+from .base import Family, Timestep, image_and_text
 
 
 PRX = Family(
     name="prx",
     denoisers=("PRXTransformer2DModel",),
-    observe=_observe,
+    observe=image_and_text(text_index=2),
     attention=(("*", ("image -> text+image",)),),
     timestep=Timestep(1, "timestep", scale=1000.0),
 )

@@ -11,21 +11,13 @@ The latent is [B, C, H, W]; tokens are row-major over (H / p, W / p). SanaPipeli
 """
 from __future__ import annotations
 
-import math
-
-from .base import Family, Timestep, arg, length, patched_grid
-
-
-def _observe(model, args, kwargs):
-    latent = arg(args, kwargs, 0, "hidden_states")
-    grid = patched_grid(latent.shape[-2:], model.config.patch_size)
-    return {"image": (math.prod(grid), grid), "text": (length(arg(args, kwargs, 1, "encoder_hidden_states")), None)}
+from .base import Family, Timestep, image_and_text
 
 
 SANA = Family(
     name="sana",
     denoisers=("SanaTransformer2DModel",),
-    observe=_observe,
+    observe=image_and_text(text_index=1),
     attention=(("*attn2", ("image -> text",)),),
     timestep=Timestep(2, "timestep"),
     no_softmax=(("*attn1", "Sana's self-attention is linear attention (relu(q).relu(k) normalised per query, "
