@@ -50,7 +50,8 @@ def shapes():
 
 def test_demo_scenes_ground_their_words(shapes):
     """Default settings on 8 scenes no selection saw: each word's Otsu mask covers its object, not another.
-    benchmarks/explain.py measures 0.7+ on 48 scenes; the floor leaves room for 8 scenes' spread."""
+    Measured here: mean IoU 0.864 (lowest word 0.67), control 0.000 (benchmarks/explain.py: 0.861 on 48
+    other scenes); a floor of 0.75 holds the issue's 0.7 target with room for another CPU's rounding."""
     ious, controls = [], []
     for seed in range(TEST_SCENES, TEST_SCENES + 8):
         scene = make_scene(seed)
@@ -63,8 +64,8 @@ def test_demo_scenes_ground_their_words(shapes):
                 pred = binarise(store.token_map(word, size=(32, 32)).numpy())
                 ious.append(iou(pred, obj.mask))
                 controls.append(iou(pred, other.mask))
-    assert np.mean(ious) >= 0.6, ious
-    assert np.mean(controls) <= 0.1, controls
+    assert np.mean(ious) >= 0.75, ious
+    assert np.mean(controls) <= 0.05, controls
 
 
 def test_demo_input_forms_agree_and_stay_untouched(shapes):
@@ -275,6 +276,13 @@ def test_wan_video_frames_grid_and_experts():
     still = attncap.explain(pipe, frames[0], PROMPT, noise_levels=0.95, size=(48, 80), max_sequence_length=32,
                             tokens=["blue"], maps_at="input")
     assert still.token_map("blue").shape == (1, 48, 80)
+
+
+def test_pipeline_without_text_encoder_is_refused():
+    from tiny_pipelines import tiny_sd as without_encoder
+
+    with pytest.raises(ValueError, match="has none: load it with its text encoder"):
+        attncap.explain(without_encoder(), _image(16, 16), PROMPT)
 
 
 def test_unknown_pipeline_is_named():
