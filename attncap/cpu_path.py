@@ -21,7 +21,7 @@ same pass (the GPU kernels need a second pass for maps). What keeps it near the 
   every bin that has one, bins sorted by size), so a pooled key axis is a few view-and-sum
   reductions over a middle axis (no one-hot matmul, no scatter, no padded keys), and an unpooled
   key range is a slice; head means reduce before key pooling, query pooling comes last;
-* tiles target the cache (TILE_BYTES); tiles, K/V copies and temporaries stay within
+* tiles target the cache (TILE_BYTES); tiles, per-tile K/V copies and temporaries stay within
   ``workspace_bytes`` (WORKSPACE_BYTES by default): peak extra memory is the products plus that.
 
 Shape legend: B batch, H query heads, Hk key heads, G = H // Hk query heads per key head, Nq, Nk,
@@ -39,7 +39,7 @@ import torch
 from .layouts import AxisPlan
 
 WORKSPACE_BYTES = 64 * 2**20   # default bound on a call's working memory beyond its inputs and products
-TILE_BYTES = 4 * 2**20         # one fp32 score tile: sized for the cache (measured, benchmarks/RESULTS.md)
+TILE_BYTES = 16 * 2**20        # one fp32 score tile: sized for the cache (measured, benchmarks/RESULTS.md)
 MIN_ROWS = 256                 # query rows a tile keeps before it splits heads or batches instead
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -223,19 +223,21 @@ class _MapJob:
         return self.total if self.scale is None else self.total.mul_(self.scale)
 
 
-def _tiles(B: int, Hk: int, G: int, rows: int, ncol: int, kv_bytes_per_head: int, workspace: int):
-    """(bb, hb, c): batches, key heads and query rows per tile. A tile's scores take about
-    min(TILE_BYTES, workspace / 4); it keeps MIN_ROWS rows before splitting heads, then batches,
-    and its K/V copies (kv_bytes_per_head per batch and key head) stay within half the workspace."""
-    target = max(1, min(TILE_BYTES, workspace // 4))
-    per_row = G * ncol * 4
+def _tiles(B: int, Hk: int, G: int, rows: int, ncol: int, kv_per_head: int, workspace: int) -> tuple[int, int, int]:
+    """(bb, hb, c): batches, key heads and query rows per tile, so that two tile buffers, about one
+    tile of temporaries and the tile's K/V copies (kv_per_head bytes per batch and key head) fit in
+    ``workspace``, with tiles of at most TILE_BYTES. A tile keeps MIN_ROWS rows (matmul efficiency)
+    before it splits heads, then batches."""
+    def fits(bb: int, hb: int) -> bool:
+        return bb * hb * (G * ncol * 4 * min(rows, MIN_ROWS) + kv_per_head) <= min(TILE_BYTES, workspace // 4)
+
     bb, hb = B, Hk
-    while hb > 1 and (bb * hb * per_row * MIN_ROWS > target or bb * hb * kv_bytes_per_head > workspace // 2):
+    while hb > 1 and not fits(bb, hb):
         hb = (hb + 1) // 2
-    while bb > 1 and (bb * hb * per_row * MIN_ROWS > target or bb * hb * kv_bytes_per_head > workspace // 2):
+    while bb > 1 and not fits(bb, hb):
         bb = (bb + 1) // 2
-    c = max(1, min(rows, target // (bb * hb * per_row)))
-    return bb, hb, c
+    target = max(1, min(TILE_BYTES, (workspace - bb * hb * kv_per_head) // 3))
+    return bb, hb, max(1, min(rows, target // (bb * hb * G * ncol * 4)))
 
 
 def _scores(buf: torch.Tensor, q_rows: torch.Tensor, k_cols: torch.Tensor, c2: float, rows,
@@ -275,19 +277,21 @@ def _scores(buf: torch.Tensor, q_rows: torch.Tensor, k_cols: torch.Tensor, c2: f
 
 
 def _kv(x: torch.Tensor, b0: int, b1: int, g0: int, g1: int, cols: _Columns) -> torch.Tensor:
-    """Keys or values of a tile's batches and key heads, fp32, rows in column order (a view when
-    nothing needs changing)."""
+    """Keys or values of a tile's batches and key heads, fp32, rows in column order: a view when
+    nothing changes, else a copy per tile (a small fraction of the tile's matmul, and no copy of
+    all heads ever lives at once)."""
     x = x[b0:b1, g0:g1]
-    if cols.token is not None:
-        x = x.index_select(2, cols.token)
+    if cols.token is not None:  # 3-D index_select: several times faster than on the 4-D view
+        x = x.flatten(0, 1).index_select(1, cols.token).unflatten(0, (b1 - b0, g1 - g0))
     return x.float()
 
 
-def _pass(B: int, Hk: int, G: int, rows: torch.Tensor, ncol: int, kv_bytes: int, workspace: int | None):
-    """(tile elements, every tile of a pass over ``rows`` (host, ascending) as (b0, b1, g0, g1, s, e))."""
-    bb, hb, c = _tiles(B, Hk, G, rows.numel(), ncol, kv_bytes, WORKSPACE_BYTES if workspace is None else workspace)
+def _pass(B: int, Hk: int, G: int, rows: torch.Tensor, ncol: int, kv_per_head: int, workspace: int | None):
+    """(tile elements, every tile of a pass over ``rows`` (host, ascending) as (b0, b1, g0, g1, s, e)).
+    Heads vary fastest: the products' rows of a block of queries stay in cache across its heads."""
+    bb, hb, c = _tiles(B, Hk, G, rows.numel(), ncol, kv_per_head, WORKSPACE_BYTES if workspace is None else workspace)
     tiles = [(b0, min(B, b0 + bb), g0, min(Hk, g0 + hb), s, min(rows.numel(), s + c))
-             for b0 in range(0, B, bb) for g0 in range(0, Hk, hb) for s in range(0, rows.numel(), c)]
+             for b0 in range(0, B, bb) for s in range(0, rows.numel(), c) for g0 in range(0, Hk, hb)]
     return bb * hb * G * c * ncol, tiles
 
 
@@ -315,19 +319,15 @@ def forward(q, k, v, out, scale, mask=None, mask_kind=0, key_padding=None, is_ca
     tokens = None if selected is None else torch.empty((B, H, Nq, selected.numel()), device=dev)
     ent = torch.empty((B, H, Nq), device=dev) if want_stats else None
     peak = torch.empty((B, H, Nq), device=dev) if want_stats else None
-    copies = cols.token is not None or k.dtype != torch.float32
-    kv_bytes = Nk * (D + Dv) * 4 if copies else 0
     c2 = scale * LOG2E
-    block = None
-    size, tiles = _pass(B, Hk, G, rows, Nk, kv_bytes, workspace_bytes)
+    copies = cols.token is not None or k.dtype != torch.float32
+    size, tiles = _pass(B, Hk, G, rows, Nk, Nk * (D + Dv) * 4 if copies else 0, workspace_bytes)
     # Two tile buffers reused by every tile: fresh multi-MiB temporaries would fault their pages in
     # again each time. The second holds P apart from S - m, which the entropy needs.
     buf_s = torch.empty(size, device=dev)
     buf_p = torch.empty(size, device=dev) if want_stats else None
     for b0, b1, g0, g1, s, e in tiles:
-        if block != (b0, g0):
-            block = (b0, g0)
-            k_cols, v_cols = _kv(k, b0, b1, g0, g1, cols), _kv(v, b0, b1, g0, g1, cols)
+        k_cols, v_cols = _kv(k, b0, b1, g0, g1, cols), _kv(v, b0, b1, g0, g1, cols)
         h0, h1 = g0 * G, g1 * G
         row_tok = torch.arange(s, e, device=dev) if is_causal else None
         t = _scores(buf_s, q[b0:b1, h0:h1, s:e], k_cols, c2, slice(s, e), row_tok, cols, b0, b1, h0, h1,
@@ -359,7 +359,7 @@ def forward(q, k, v, out, scale, mask=None, mask_kind=0, key_padding=None, is_ca
             h = (log_l[..., 0] - t.mul_(p).sum(-1)).mul_(LN2)
             ent[b0:b1, h0:h1, s:e] = h.masked_fill_(dead[..., 0], 0.0) if masked else h
             peak[b0:b1, h0:h1, s:e] = inv[..., 0]
-        del t, p
+        del t, p, k_cols, v_cols  # before the next tile makes its own copies
     return lse, tokens, ent, peak, [job.result() for job in jobs]
 
 
@@ -378,14 +378,12 @@ def maps_from_lse(q, k, lse, scale, maps, mask=None, mask_kind=0, key_padding=No
     rows_dev = rows.to(dev)
     # A fully masked row has LSE = -inf and every score NEG or -inf: +inf turns its P to exp2(-inf) = 0.
     lse2 = torch.where(torch.isneginf(lse), float("inf"), lse * LOG2E)
+    c2 = scale * LOG2E
     copies = cols.token is not None or k.dtype != torch.float32
-    c2, block = scale * LOG2E, None
     size, tiles = _pass(B, Hk, G, rows, Nk, Nk * D * 4 if copies else 0, workspace_bytes)
     buf = torch.empty(size, device=dev)
     for b0, b1, g0, g1, s, e in tiles:
-        if block != (b0, g0):
-            block = (b0, g0)
-            k_cols = _kv(k, b0, b1, g0, g1, cols)
+        k_cols = _kv(k, b0, b1, g0, g1, cols)
         h0, h1 = g0 * G, g1 * G
         if contiguous:
             r = slice(int(rows[s]), int(rows[s]) + e - s)
@@ -399,5 +397,30 @@ def maps_from_lse(q, k, lse, scale, maps, mask=None, mask_kind=0, key_padding=No
         p = t.sub_(l_rows[..., None]).exp2_()
         for job in jobs:
             job.add(p, b0, b1, h0, h1, s, e, cols)
-        del t, p
+        del t, p, k_cols
     return [job.result() for job in jobs]
+
+
+def sdpa_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                  is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch's own flash SDPA returning (out [B, H, Nq, D], lse float32 [B, H, Nq]), the LSE that
+    attncap.maps_from_lse takes, from the op that has one on q's device (BHSD inputs, no mask).
+
+    Forwards whose LSE maps_from_lse can use (natural log, float32 [B, H, Nq]):
+      CPU   torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal,
+            scale=...) -> (out, lse): fp32, fp16, bf16; a float attn_mask must have q's dtype; a row
+            that sees no key gets lse 0.0 (out 0): usable, since its scores are all masked.
+            Tested here (tests/test_torch_path.py).
+      CUDA  torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal, False,
+            scale=...)[:2]: fp16, bf16 (tests/test_gpu.py). The memory-efficient and cuDNN SDPA ops
+            also return a log-sum-exp when asked, in their own padded shapes: not covered here.
+      other devices (MPS, ...): no torch SDPA op returns the LSE; attncap.attention computes the
+            maps in its own forward instead.
+    """
+    if q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal, scale=scale)
+    if q.device.type == "cuda":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal, False, scale=scale)[:2]
+        return out, lse
+    raise ValueError(f"no PyTorch SDPA op returns the log-sum-exp on device '{q.device}'; "
+                     "use attncap.attention(q, k, v, request=...), whose forward computes the maps itself")

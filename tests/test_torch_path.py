@@ -1,0 +1,141 @@
+"""The torch path (attncap.cpu_path) beyond tests/test_products.py: tilings that split batches,
+heads and queries, key axes the column order does not serve, any device, the LSE of PyTorch's CPU
+flash forward.
+
+Tolerances as in tests/test_products.py: the torch path accumulates in fp32 from the same rounded
+inputs the float64 reference sees, so products agree to ~1e-6 relative (rtol 1e-4, atol 2e-6).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attncap
+from attncap import MapRequest, cpu_path
+from attncap.layouts import plan_indices, plan_range
+from attncap.reference import attention_reference
+
+TOL = dict(atol=2e-6, rtol=1e-4)
+
+
+def _check(got: dict, ref: dict, **tol) -> None:
+    assert set(got) == set(ref)
+    for name, want in ref.items():
+        assert not torch.isnan(got[name]).any(), name
+        torch.testing.assert_close(got[name].double(), want, **(tol or TOL), msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("tile_bytes", [2**40, 2 * 74 * 4 * 7], ids=["one-tile", "split-batches-heads-rows"])
+def test_two_relations_with_ragged_pools_any_tiling(monkeypatch, poison_outputs, tile_bytes):
+    """A joint [image 7x9, text 11] sequence, GQA, two requests whose pooled key axes differ (the
+    first orders the score columns, the second is gathered), heads in no order, and tiles that cut
+    through batches, key heads and queries (7 rows of one key head's 2 query heads per tile)."""
+    monkeypatch.setattr(cpu_path, "TILE_BYTES", tile_bytes)
+    monkeypatch.setattr(cpu_path, "MIN_ROWS", 7)
+    n = 63 + 11
+    q = torch.randn(2, 6, n, 40)
+    k, v = torch.randn(2, 3, n, 40), torch.randn(2, 3, n, 24)
+    image = dict(query_range=(0, 63), query_grid=(7, 9), key_range=(0, 63), key_grid=(7, 9))
+    first = MapRequest(heads="mean", query_pool=2, key_pool=(3, 2), keys=[63, 70], queries=[5, 62],
+                       stats=("colsum", "entropy", "peak"), **image)
+    second = MapRequest(heads=[4, 0, 5], query_range=(63, n), key_range=(0, 63), key_grid=(7, 9), key_pool=4,
+                        stats=("colsum",))
+    out, (a, b) = attncap.attention(q, k, v, request=[first, second], backend="torch")
+    for request, got in ((first, a), (second, b)):
+        ref_out, ref = attention_reference(q, k, v, request=request)
+        _check(got, ref)
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mask", ["causal", "bool", "additive"])
+def test_masked_rows_across_tiles(monkeypatch, poison_outputs, mask):
+    """Masks with pooled keys (permuted columns) and small tiles; one query sees no key at all."""
+    monkeypatch.setattr(cpu_path, "TILE_BYTES", 45 * 4 * 5)  # 5 rows of one head per tile
+    monkeypatch.setattr(cpu_path, "MIN_ROWS", 5)
+    q, k, v = (torch.randn(1, 2, 45, 32) for _ in range(3))
+    kw = {"is_causal": True} if mask == "causal" else {}
+    if mask == "bool":
+        m = torch.rand(1, 2, 45, 45) > 0.4
+        m[0, 1, 9] = False
+        kw["attn_mask"] = m
+    elif mask == "additive":
+        m = torch.randn(45, 45)
+        m[9] = float("-inf")
+        kw["attn_mask"] = m
+    request = MapRequest(heads="all", query_grid=(5, 9), query_pool=2, key_grid=(5, 9), key_pool=(2, 4),
+                         queries=[9, 44], stats=("colsum", "entropy", "peak"))
+    out, got = attncap.attention(q, k, v, request=request, backend="torch", **kw)
+    ref_out, ref = attention_reference(q, k, v, request=request, **kw)
+    _check(got, ref)
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
+
+
+def test_column_order_pools_ragged_bins_by_slot():
+    """The pooled key axis orders the columns slot by slot over bins sorted by size, and pool()
+    sums each bin's own keys, whatever sizes the bins have (a 5x7 grid in 2x3 bins)."""
+    kp = plan_range(3, 38, (5, 7), (2, 3))
+    cols = cpu_path._columns([(None, kp, None)], 40, torch.device("cpu"))
+    assert sorted(cols.token.tolist()) == list(range(40))
+    x = torch.randn(2, 40, dtype=torch.float64)
+    got = cols.pool(x[:, cols.token])
+    want = torch.zeros(2, kp.nbins, dtype=torch.float64).index_add_(1, kp.bin_of_slot.long(), x[:, kp.perm.long()])
+    torch.testing.assert_close(got, want)
+    assert len(cols.groups) == 4  # bin sizes 6, 4 (short last column), 3 (short last row), 2 (corner)
+
+
+def test_runs_on_any_device_without_reading_it_back():
+    """On the meta device (shapes only, no values) every op must exist and nothing may be read to
+    the host: all per-call tensors are made on the inputs' device from host plan tables."""
+    dev = torch.device("meta")
+    q, k, v = torch.empty(1, 4, 30, 16, device=dev), torch.empty(1, 2, 30, 16, device=dev), \
+        torch.empty(1, 2, 30, 8, device=dev)
+    out = torch.empty(1, 4, 30, 8, device=dev)
+    qp, kp = plan_range(0, 30, (5, 6), (2, 2)), plan_range(0, 30, (5, 6), (3, 2))
+    rows = plan_indices(torch.tensor([1, 29]))
+    heads = torch.arange(4, dtype=torch.int32)[None, :]
+    lse, tokens, ent, peak, maps = cpu_path.forward(
+        q, k, v, out, 0.25, selected=torch.tensor([0, 7], device=dev), want_stats=True,
+        maps=[(qp, kp, heads), (rows, kp, heads)], is_causal=True)
+    assert [tuple(m.shape) for m in maps] == [(1, 1, qp.nbins, kp.nbins), (1, 1, 2, kp.nbins)]
+    assert tokens.shape == (1, 4, 30, 2) and ent.shape == peak.shape == lse.shape == (1, 4, 30)
+    assert all(t.device == dev for t in (lse, tokens, ent, peak, *maps))
+    again = cpu_path.maps_from_lse(q, k, lse, 0.25, [(qp, kp, heads)], is_causal=True)
+    assert again[0].shape == maps[0].shape and again[0].device == dev
+
+
+def test_an_op_without_a_kernel_names_the_device(monkeypatch):
+    """torch raises NotImplementedError for an op a backend lacks (MPS: 'not currently implemented
+    for the MPS device'); the torch path says which device and what to do."""
+    def missing(self, *args, **kwargs):
+        raise NotImplementedError(f"Could not run 'aten::exp2_' with arguments from the '{self.device.type}' backend")
+
+    monkeypatch.setattr(torch.Tensor, "exp2_", missing)
+    q = torch.randn(1, 1, 8, 16)
+    with pytest.raises(NotImplementedError, match=r"no kernel on device 'cpu'.*aten::exp2_.*move q, k, v"):
+        attncap.attention(q, q, q, request=MapRequest(), backend="torch")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_maps_from_the_lse_of_pytorchs_cpu_flash_forward(dtype, poison_outputs):
+    """The hybrid path on CPU: the LSE from torch's fused CPU flash forward (sdpa_with_lse) is what
+    maps_from_lse needs. Causal, so early queries see few keys. For bf16 inputs that kernel's
+    reduced-precision products leave the LSE ~6e-5 off (measured), which P = exp(S - LSE) takes
+    on as relative error: 3e-4 there, the fp32 tolerances otherwise."""
+    q, k, v = (torch.randn(2, 3, 50, 40).to(dtype) for _ in range(3))
+    out, lse = cpu_path.sdpa_with_lse(q, k, v, is_causal=True)
+    assert lse.dtype == torch.float32 and lse.shape == (2, 3, 50)
+    s = (q.double() @ k.double().transpose(-1, -2)) * 40 ** -0.5
+    s = s.masked_fill(~torch.ones(50, 50, dtype=torch.bool).tril(), float("-inf"))
+    lse_tol = 1e-5 if dtype == torch.float32 else 3e-4
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), atol=lse_tol, rtol=lse_tol)
+    request = MapRequest(heads="all", query_grid=(5, 10), query_pool=2, key_grid=(5, 10), key_pool=3,
+                         queries=[0, 49], stats=("colsum",))
+    got = attncap.maps_from_lse(q, k, lse, request=request, is_causal=True, backend="torch")
+    _, ref = attention_reference(q, k, v, request=request, is_causal=True)
+    _check(got, ref, **({} if dtype == torch.float32 else dict(atol=2e-6, rtol=3e-4)))
+
+
+def test_sdpa_with_lse_refuses_a_device_without_such_op():
+    q = torch.empty(1, 1, 4, 8, device="meta")
+    with pytest.raises(ValueError, match=r"device 'meta'.*attncap.attention"):
+        cpu_path.sdpa_with_lse(q, q, q)
