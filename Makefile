@@ -28,6 +28,7 @@ demo: $(STAMP)
 # shape, each in a fresh process), the demo model's grounding benchmark, and the RESULTS.md tables.
 bench: $(STAMP)
 	$(VENV)/bin/pytest -q benchmarks --benchmark-only --benchmark-json=benchmarks/pytest-benchmark-cpu.json
+	$(PY) -m pip install -q --no-deps attention-map-diffusers==1.0.0  # the peer provider; needs only torch
 	$(PY) benchmarks/run.py --device cpu
 	$(PY) benchmarks/grounding.py --write-results
 	$(PY) benchmarks/report.py

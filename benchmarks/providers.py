@@ -14,8 +14,13 @@ No masks: every provider gets q, k, v, the softmax scale and a MapRequest (or No
                    fp32 eager torch over query chunks of ~256 MiB [B, H, chunk, Nk], each reduced
     naive          softmax(QK^T * scale) of the whole [B, H, Nq, Nk] in fp32, then out = P V and
                    the same reductions (transformers' eager attention with output_attentions)
+    peer           attention-map-diffusers 1.0 (the peer tool): SDPA for the output, then its
+                   compute_attention_probs (chunk 1024 queries, heads "mean", or "all" where a
+                   product needs each head's rows: entropy, peak) over the query range, reduced
+                   like chunked_eager. Installed with `pip install --no-deps attention-map-diffusers`
+                   (compute_attention_probs needs only torch); rows say so where it is missing.
 
-chunked_eager and naive share the reductions (class Reductions) and none of attncap's token
+chunked_eager, naive and peer share the reductions (class Reductions) and none of attncap's token
 planning: bins come from grid coordinates here, pooling is an index_add.
 """
 from __future__ import annotations
@@ -27,10 +32,12 @@ import torch.nn.functional as F
 
 import attncap
 from attncap import MapRequest
+from attncap.cpu_path import sdpa_with_lse
 from attncap.reference import normalize_pool
 
-PROVIDERS = ("sdpa", "attncap_plain", "attncap_fused", "hybrid", "chunked_eager", "naive")
-CAPTURE = ("attncap_fused", "hybrid", "chunked_eager", "naive")
+PROVIDERS = ("sdpa", "attncap_plain", "attncap_fused", "hybrid", "chunked_eager", "naive", "peer")
+CAPTURE = ("attncap_fused", "hybrid", "chunked_eager", "naive", "peer")
+PEER_CHUNK = 1024  # compute_attention_probs' default query chunk
 EAGER_CHUNK_BYTES = 256 * 2**20
 
 
@@ -55,14 +62,13 @@ class Reductions:
     """
 
     def __init__(self, req: MapRequest, B: int, H: int, Nq: int, Nk: int, device):
-        if req.queries is not None:
-            raise ValueError("benchmark providers do not compute 'rows'")
         self.req = req
         self.qs, self.qe = req.query_range or (0, Nq)
         self.ks, self.ke = req.key_range or (0, Nk)
         self.qbin, self.qcount = _bins(self.qe - self.qs, req.query_grid, req.query_pool, device)
         self.kbin, self.kcount = _bins(self.ke - self.ks, req.key_grid, req.key_pool, device)
         self.keys = None if req.keys is None else torch.as_tensor(list(req.keys), device=device)
+        self.rows = None if req.queries is None else torch.as_tensor(list(req.queries), device=device)
         G = self._heads(torch.zeros(1, H)).shape[1]
         qb, kb = self.qcount.numel(), self.kcount.numel()
         z = dict(device=device, dtype=torch.float32)
@@ -71,6 +77,8 @@ class Reductions:
             self.acc["map"] = torch.zeros(B, G, qb, kb, **z)
         if self.keys is not None:
             self.acc["tokens"] = torch.zeros(B, G, qb, self.keys.numel(), **z)
+        if self.rows is not None:
+            self.acc["rows"] = torch.zeros(B, G, self.rows.numel(), kb, **z)
         for stat in req.stats:
             self.acc[stat] = torch.zeros(B, G, kb if stat == "colsum" else qb, **z)
 
@@ -98,6 +106,10 @@ class Reductions:
             del block
         if "tokens" in self.acc:
             self.acc["tokens"].index_add_(2, qbin, self._heads(p[..., self.keys]))
+        if "rows" in self.acc:  # the selected queries that fall in this chunk
+            mine = torch.nonzero((self.rows >= start) & (self.rows < start + p.shape[2]))[:, 0]
+            rows = self._heads(p[:, :, self.rows[mine] - start, self.ks:self.ke])
+            self.acc["rows"][:, :, mine] = self._pool_keys(rows)
         if "entropy" in self.acc:
             ent = -torch.special.xlogy(p, p).sum(-1)                       # [B, H, c], 0 log 0 = 0
             self.acc["entropy"].index_add_(2, qbin, self._heads(ent))
@@ -111,6 +123,8 @@ class Reductions:
                 out[name] = x / (self.qcount[:, None] * self.kcount[None, :])
             elif name == "tokens":
                 out[name] = x / self.qcount[:, None]
+            elif name == "rows":
+                out[name] = x / self.kcount
             elif name == "colsum":
                 out[name] = x / self.kcount
             else:
@@ -133,17 +147,16 @@ def attncap_fused(q, k, v, scale, request):
 def unsupported(provider: str, request: MapRequest) -> str | None:
     """Why a provider cannot compute a request (None when it can)."""
     if provider == "hybrid" and (request.keys is not None or {"entropy", "peak"} & set(request.stats)):
-        return "token columns and entropy come from attncap's forward, not from an LSE"
+        return "token columns, entropy and peak come from attncap's forward, not from an LSE"
+    if provider == "peer":
+        return peer_missing()
     return None
 
 
 def hybrid(q, k, v, scale, request):
     """SDPA's flash kernel (aten's flash op on CUDA, its fused CPU flash on CPU) gives out and the
     natural-log LSE; attncap's map pass recomputes P from that LSE for the maps."""
-    if q.is_cuda:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
-    else:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
+    out, lse = sdpa_with_lse(q, k, v, scale=scale)
     return out, attncap.maps_from_lse(q, k, lse, scale=scale, request=request)
 
 
@@ -160,6 +173,30 @@ def chunked_eager(q, k, v, scale, request):
         p = torch.softmax((rows @ kt) * scale, dim=-1)
         red.add(p, start)
         del p
+    return out, red.result()
+
+
+def peer_missing() -> str | None:
+    """Why the peer cannot run here (None when attention-map-diffusers is importable)."""
+    try:
+        from attention_map_diffusers.capture.compute import compute_attention_probs  # noqa: F401
+    except ImportError as e:
+        return f"attention-map-diffusers is not installed (pip install --no-deps attention-map-diffusers): {e}"
+    return None
+
+
+def peer(q, k, v, scale, request):
+    """attention-map-diffusers' own capture: SDPA output, then its chunked fp32 softmax over the
+    query range (compute_attention_probs, heads reduced inside), then the request's reductions."""
+    from attention_map_diffusers.capture.compute import compute_attention_probs
+
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    B, H, Nq, _ = q.shape
+    red = Reductions(request, B, H, Nq, k.shape[2], q.device)
+    per_head = bool({"entropy", "peak"} & set(request.stats))  # need each head's rows, not their mean
+    heads = "mean" if request.heads == "mean" and not per_head else "all"
+    p = compute_attention_probs(q[:, :, red.qs:red.qe], k, scale=scale, chunk_size=PEER_CHUNK, heads=heads)
+    red.add(p, red.qs)  # Reductions' head step averages a 1-head tensor into itself
     return out, red.result()
 
 

@@ -27,7 +27,7 @@ import measure  # noqa: E402
 from providers import PROVIDERS  # noqa: E402
 from shapes import shapes_for  # noqa: E402
 
-ORDER = ("attncap_fused", "sdpa", "attncap_plain", "hybrid", "chunked_eager", "naive")  # attncap_fused first: the yardstick
+ORDER = ("attncap_fused", "sdpa", "attncap_plain", "hybrid", "chunked_eager", "naive", "peer")  # attncap_fused first: the yardstick
 WORKER_TIMEOUT_S = 600
 QUIET_WAIT_S = 20  # longest wait for other processes to calm down before each CPU worker
 

@@ -12,7 +12,11 @@ Tasks, each a MapRequest over the image queries (normalised over ALL keys, heads
     token_maps             tokens [B, 1, image queries, Ks]: 8 (CLIP) or 16 (T5) selected text keys
     colsum                 colsum [B, 1, Nk]: attention each key receives from the image queries
     entropy                entropy [B, 1, image queries] in nats
+    peak                   peak [B, 1, image queries]: each query's largest probability
+    rows                   rows [B, 1, 16, keys of the relation]: full rows of 16 image queries
     pooled+colsum+entropy  pooled_map plus colsum and entropy: the main capture of one call
+    everything             every product at once: pooled map, token columns (where the shape has
+                           selected keys), 16 rows, colsum, entropy and peak
 """
 from __future__ import annotations
 
@@ -23,7 +27,8 @@ from attncap import MapRequest
 from attncap.request import DEFAULT_MAX_BYTES
 
 MAIN = "pooled+colsum+entropy"
-TASKS = ("head_mean_map", "pooled_map", "token_maps", "colsum", "entropy", MAIN)
+TASKS = ("head_mean_map", "pooled_map", "token_maps", "colsum", "entropy", "peak", "rows", MAIN, "everything")
+ROWS = 16  # query rows of the rows task, evenly spaced over the image queries
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,9 @@ REAL = {s.name: s for s in (
     Shape("wan480_self", "WAN 2.1 14B 480p self-attn", "self", 40, 128, (21, 30, 52)),
     Shape("wan480_cross", "WAN 2.1 14B 480p cross-attn", "cross", 40, 128, (21, 30, 52), text=512, selected=16),
     Shape("wan720_self", "WAN 2.1 14B 720p self-attn", "self", 40, 128, (21, 45, 80)),
+    # The reference shapes of the torch path's target (at most 2x SDPA alone for every product).
+    Shape("ref_h8_n2048", "reference self-attn, 32x64 grid", "self", 8, 64, (32, 64), selected=16),
+    Shape("ref_h24_n4096", "reference self-attn, 64x64 grid", "self", 24, 64, (64, 64), selected=16),
 )}
 
 # CPU stand-ins: fewer heads, a smaller grid with the real aspect, the real head dim. Each timed call
@@ -79,6 +87,8 @@ CPU = {s.name: s for s in (
     replace(REAL["wan480_self"], H=1, grid=(7, 15, 26)),
     replace(REAL["wan480_cross"], H=1, grid=(7, 15, 26)),
     replace(REAL["wan720_self"], H=1, grid=(7, 36, 64), tasks=(MAIN,)),
+    REAL["ref_h8_n2048"],
+    REAL["ref_h24_n4096"],
 )}
 SWEEP = {f"wan_self_{math.prod(g)}": replace(REAL["wan720_self"], name=f"wan_self_{math.prod(g)}", H=1, grid=g,
                                               model="WAN 720p-aspect self-attn sweep", tasks=(MAIN,))
@@ -119,10 +129,19 @@ def request_for(task: str, shape: Shape) -> MapRequest | str:
         return MapRequest(heads="mean", map=True, query_range=image, key_range=keys["key_range"])
     if task == "pooled_map":
         return MapRequest(heads="mean", map=True, **pooled)
+    selected = tuple(range(1, 1 + shape.selected)) if shape.selected else None
     if task == "token_maps":
         if not shape.selected:
             return "no text keys in self-attention"
-        return MapRequest(heads="mean", query_range=image, keys=tuple(range(1, 1 + shape.selected)))
+        return MapRequest(heads="mean", query_range=image, keys=selected)
+    rows = tuple(range(image[0], image[1], max(1, (image[1] - image[0]) // ROWS)))[:ROWS]
+    if task == "rows":
+        return MapRequest(heads="mean", queries=rows, key_range=keys["key_range"])
+    if task == "peak":
+        return MapRequest(heads="mean", query_range=image, stats=("peak",))
+    if task == "everything":
+        return MapRequest(heads="mean", map=True, keys=selected, queries=rows, stats=("colsum", "entropy", "peak"),
+                          **pooled)
     if task == "colsum":
         return MapRequest(heads="mean", query_range=image, stats=("colsum",))
     if task == "entropy":
