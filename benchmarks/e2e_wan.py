@@ -70,7 +70,7 @@ WAN14B = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=1
 TINY = dict(WAN14B, num_attention_heads=2, attention_head_dim=16, text_dim=32, freq_dim=16, ffn_dim=64, num_layers=2)
 # 480x832, 81 frames: the VAE takes 4x temporal (1 + 80 / 4 = 21) and 8x spatial compression.
 FULL_SHAPE = dict(frames_latent=21, height_latent=60, width_latent=104, text_len=512)
-TINY_SHAPE = dict(frames_latent=3, height_latent=8, width_latent=8, text_len=8)
+TINY_SHAPE = dict(frames_latent=3, height_latent=8, width_latent=8, text_len=16)  # the 16 token maps fit
 TOKENS = list(range(16))
 CROSS_LAYERS, SELF_LAYERS = "*attn2*", "*attn1*"
 MODES = {

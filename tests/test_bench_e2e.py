@@ -39,9 +39,9 @@ def test_tiny_run_times_every_mode_and_writes_its_section(e2e, tmp_path, one_thr
         assert row["records"] == row["layers"] == 2  # one record per attn2 / attn1 layer of the 2 blocks
     assert rows["off"]["overhead_pct"] == 0.0
     assert all(isinstance(r["overhead_pct"], float) and math.isfinite(r["overhead_pct"]) for r in rows.values())
-    # The store holds what the options ask for: 8 text tokens (of range(16)) per video token; 3x1x1 pooled bins.
+    # The store holds what the options ask for: 16 text tokens per video token; 3x1x1 pooled bins.
     tokens = doc["config"]["video_tokens"]
-    assert rows["tokens"]["store_bytes"] == 2 * tokens * 8 * 4
+    assert rows["tokens"]["store_bytes"] == 2 * tokens * 16 * 4
     assert rows["pooled_self"]["store_bytes"] == 2 * 3 * 3 * 4
     assert rows["naive"]["store_bytes"] == 2 * tokens * tokens * 4
     assert set(doc["versions"]) == {"torch", "triton", "diffusers", "attncap"}
