@@ -27,7 +27,8 @@ from .store import Record, Store
 SPATIAL = ("image", "video")
 # segments whose keys are not words even without a grid: tokens= selects keys of the others (text, text_2, ...)
 NOT_WORDS = SPATIAL + ("image_ctx", "cond_image", "image_padding", "padding", "register", "duration", "global",
-                       "history", "context", "joint", "audio", "sink")
+                       "history", "context", "joint", "audio", "sink", "cls", "image_newline", "image_break",
+                       "image_end")
 
 
 @dataclass(frozen=True)

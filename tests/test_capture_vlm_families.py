@@ -196,6 +196,16 @@ def test_tiles_of_a_batch_keep_their_grids_and_numbers():
                                                                                  ((4, 4), "tile 1 of 2", 2)]
 
 
+def test_tokens_select_text_keys_not_break_tokens():
+    """tokens= picks prompt words: Pixtral's [IMG_BREAK] / [IMG_END] segments keep whole maps."""
+    model = VLMS["mistral3"][0]()
+    inputs = vlm_inputs("mistral3", model)
+    with torch.no_grad(), attncap.capture(model, relations="all", tokens=[1], layers=lm_layers(model)[:1]) as store:
+        model(**inputs)
+    kinds = {r.relation.split("->")[1]: r.kind for r in store.records if r.relation.startswith("text->")}
+    assert kinds == {"text": "tokens", "image": "map", "image_break": "map", "image_end": "map"}
+
+
 def test_unknown_layout_warns_and_has_no_grid(monkeypatch):
     """A family attncap has no rule for: grid-less image segments and a warning, never a guessed grid."""
     from attncap.integrations import vlm_media
