@@ -78,7 +78,9 @@ def maps_from_lse(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: fl
     returns the log-sum-exp: attncap's map pass recomputes P = exp(scale * Q K^T + mask - LSE) tile
     by tile from it. q, k, masks and request as in attncap.attention; lse float32 [B, H, Nq] in
     natural-log units (-inf for a fully masked query), as torch's _scaled_dot_product_flash_attention
-    returns it. Token columns, entropy and peak ride on the forward: ask attncap.attention for those.
+    (CUDA) and _scaled_dot_product_flash_attention_for_cpu (CPU) return it; attncap.cpu_path.sdpa_with_lse
+    calls the one for q's device and lists which forwards give a usable LSE where.
+    Token columns, entropy and peak ride on the forward: ask attncap.attention for those.
     Compiles with torch.compile(fullgraph=True), like attncap.attention.
     """
     _, _, _, shapes = check_tensors(q, k, k, layout)
