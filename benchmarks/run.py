@@ -72,6 +72,8 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="default: benchmarks/results-<device>.json")
     ap.add_argument("--shapes", default=None, help="comma-separated shape names (default: all)")
     ap.add_argument("--providers", default=None, help=f"comma-separated, from {','.join(PROVIDERS)}")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows of shapes this run does not measure from the existing --out file")
     args = ap.parse_args()
     out_path = args.out or os.path.join(HERE, f"results-{args.device}.json")
     wanted = set(args.providers.split(",")) if args.providers else set(PROVIDERS)
@@ -80,6 +82,10 @@ def main() -> None:
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "attncap", "measure"])
     rows: list[dict] = []
+    if args.merge and os.path.exists(out_path):
+        with open(out_path) as f:
+            measured = {s.name for s, _ in shapes}
+            rows = [r for r in json.load(f)["rows"] if r["shape"] not in measured]
     t_start, waited = time.time(), 0.0
     with tempfile.TemporaryDirectory(prefix="attncap-bench-") as refdir:
         for shape, scaled_from in shapes:
