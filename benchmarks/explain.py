@@ -108,8 +108,8 @@ def section(single: list[dict], combos: list[dict], pick: dict, env: dict, args,
               f"{pick['control']:.3f} over {pick['words']} words. attncap.explain's defaults "
               f"(noise_levels={DEFAULT_NOISE_LEVELS}, seeds={DEFAULT_SEEDS}) "
               + ("are this setting." if shipped else "DIFFER from it: update DEFAULT_NOISE_LEVELS / DEFAULT_SEEDS."),
-              "For generated images of held-out captions see the grounding benchmark section: the maps of a picture "
-              f"the model did not make ground its words about as well. Wall time {seconds:.0f} s.", ""]
+              "The grounding benchmark section scores generated images of held-out captions the same way (its truth is "
+              f"segmented by colour from the generated picture). Wall time {seconds:.0f} s on a shared CPU.", ""]
     return "\n".join(lines)
 
 
