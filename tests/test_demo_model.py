@@ -152,5 +152,5 @@ def test_tokens_by_word_keep_exactly_those_keys(pipe):
     with pytest.raises(ValueError, match=r"'zebra' is not in the prompt"):
         with attncap.capture(pipe, layers="*attn2", tokens=["zebra"]):
             pipe(prompt, num_inference_steps=1)
-    with pytest.raises(ValueError, match="tokens holds key indices"):
+    with pytest.raises(ValueError, match=r"tokens holds text key indices \(ints >= 0\) or prompt words; got -1"):
         attncap.capture(pipe, tokens=[-1]).__enter__()
