@@ -189,7 +189,7 @@ class _MapJob:
 
     def _heads(self, p: torch.Tensor, h0: int, h1: int):
         """(groups of total, [bb, n, c, Ncol] sums of their heads in h0:h1) for this tile's heads."""
-        if self.all_heads:
+        if self.all_heads and h1 <= self.hpg:  # the tile's heads all lie in the one group 0..hpg-1
             yield slice(0, 1), (p.sum(1, keepdim=True) if p.shape[1] > 1 else p)
             return
         inside = (self.heads >= h0) & (self.heads < h1)
