@@ -159,7 +159,6 @@ class _MapJob:
         self.bins_contiguous = self.rows_contiguous and bool((pair_bin == torch.arange(n)).all())
         self.one_bin = qplan.nbins == 1
         self.pair_pos_dev, self.pair_bin_dev = self.pair_pos.to(device), pair_bin.to(device)
-        self.qb = qplan.nbins
         self.total = torch.zeros((B, self.G, qplan.nbins, kplan.nbins), dtype=torch.float32, device=device)
         self.scale = None
         if qplan.pooled or kplan.pooled:
