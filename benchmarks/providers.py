@@ -196,7 +196,7 @@ def peer(q, k, v, scale, request):
     per_head = bool({"entropy", "peak"} & set(request.stats))  # need each head's rows, not their mean
     heads = "mean" if request.heads == "mean" and not per_head else "all"
     p = compute_attention_probs(q[:, :, red.qs:red.qe], k, scale=scale, chunk_size=PEER_CHUNK, heads=heads)
-    red.add(p, red.qs)  # Reductions' head step averages a 1-head tensor into itself
+    red.add(p.float(), red.qs)  # it returns q's dtype; the products are float32  # Reductions' head step averages a 1-head tensor into itself
     return out, red.result()
 
 
