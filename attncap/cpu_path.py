@@ -241,8 +241,9 @@ def _tiles(B: int, Hk: int, G: int, rows: int, ncol: int, kv_per_head: int, work
 
 def _scores(buf: torch.Tensor, q_rows: torch.Tensor, k_cols: torch.Tensor, c2: float, rows,
             row_tok: torch.Tensor | None, cols: _Columns, b0: int, b1: int, h0: int, h1: int, mask,
-            mask_kind: int, key_padding, is_causal: bool) -> torch.Tensor:
-    """Scores in log2 units, fp32 [bb, hb * G, c, Ncol] in the front of ``buf``, masked entries NEG.
+            mask_kind: int, key_padding, is_causal: bool, softcap: float | None) -> torch.Tensor:
+    """Scores in log2 units, fp32 [bb, hb * G, c, Ncol] in the front of ``buf``, masked entries NEG;
+    with ``softcap``, capped before the masks (softcap * tanh(score / softcap), transformers' order).
 
     q_rows [bb, hb * G, c, D] (any dtype and strides), k_cols [bb, hb, Ncol, D] fp32; rows: slice or
     index tensor of the tile's query tokens (row_tok their tokens on the device, for the causal mask)."""
@@ -254,6 +255,9 @@ def _scores(buf: torch.Tensor, q_rows: torch.Tensor, k_cols: torch.Tensor, c2: f
     # q_rows of a BSHD layout keep their strides through the product.
     torch.matmul((q_rows.float() * c2).reshape(bb, hb, hq // hb * c, D), k_cols.transpose(-1, -2), out=s)
     s = s.view(bb, hq, c, ncol)
+    if softcap is not None:  # in log2 units the cap is softcap * log2 e
+        cap2 = softcap * LOG2E
+        s.div_(cap2).tanh_().mul_(cap2)
     if mask_kind == 0 and key_padding is None and not is_causal:
         return s
 
@@ -296,7 +300,7 @@ def _pass(B: int, Hk: int, G: int, rows: torch.Tensor, ncol: int, kv_per_head: i
 
 @_device_errors
 def forward(q, k, v, out, scale, mask=None, mask_kind=0, key_padding=None, is_causal=False,
-            selected=None, want_stats=False, maps=(), workspace_bytes: int | None = None):
+            selected=None, want_stats=False, maps=(), workspace_bytes: int | None = None, softcap=None):
     """Chunked twin of attncap.kernels.forward (same arguments, same returns), plus ``maps``: a list
     of (qplan, kplan, heads_table) whose maps (as kernels.map_pass returns them) come back as a
     fifth item, and ``workspace_bytes`` (default WORKSPACE_BYTES), the bound on working memory."""
@@ -305,7 +309,7 @@ def forward(q, k, v, out, scale, mask=None, mask_kind=0, key_padding=None, is_ca
     G, dev = H // Hk, q.device
     masked = mask_kind != 0 or key_padding is not None or is_causal
     if dev.type == "cpu" and mask_kind == 0 and key_padding is None and selected is None and not want_stats \
-            and not maps and H == Hk and Dv == D:
+            and not maps and H == Hk and Dv == D and softcap is None:
         # Nothing rides on this forward but the LSE: PyTorch's fused CPU flash kernel returns both.
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal, scale=scale)
         out.copy_(o)
@@ -330,7 +334,7 @@ def forward(q, k, v, out, scale, mask=None, mask_kind=0, key_padding=None, is_ca
         h0, h1 = g0 * G, g1 * G
         row_tok = torch.arange(s, e, device=dev) if is_causal else None
         t = _scores(buf_s, q[b0:b1, h0:h1, s:e], k_cols, c2, slice(s, e), row_tok, cols, b0, b1, h0, h1,
-                    mask, mask_kind, key_padding, is_causal)
+                    mask, mask_kind, key_padding, is_causal, softcap)
         m = t.amax(-1, keepdim=True)
         t.sub_(m)
         p = torch.exp2(t, out=buf_p[:t.numel()].view(t.shape)) if want_stats else t.exp2_()
@@ -364,7 +368,7 @@ def forward(q, k, v, out, scale, mask=None, mask_kind=0, key_padding=None, is_ca
 
 @_device_errors
 def maps_from_lse(q, k, lse, scale, maps, mask=None, mask_kind=0, key_padding=None, is_causal=False,
-                  workspace_bytes: int | None = None):
+                  workspace_bytes: int | None = None, softcap=None):
     """The maps of ``maps`` ((qplan, kplan, heads_table) each) from a given natural-log LSE [B, H, Nq]:
     P = exp(S - LSE) over tiles of only the queries the maps need (in log2 units: exp2)."""
     B, H, Nq, D = q.shape
@@ -392,7 +396,7 @@ def maps_from_lse(q, k, lse, scale, maps, mask=None, mask_kind=0, key_padding=No
             q_rows, l_rows = q[b0:b1, h0:h1].index_select(2, r), lse2[b0:b1, h0:h1].index_select(2, r)
         row_tok = rows_dev[s:e] if is_causal else None
         t = _scores(buf, q_rows, k_cols, c2, r, row_tok, cols, b0, b1, h0, h1, mask, mask_kind, key_padding,
-                    is_causal)
+                    is_causal, softcap)
         p = t.sub_(l_rows[..., None]).exp2_()
         for job in jobs:
             job.add(p, b0, b1, h0, h1, s, e, cols)

@@ -38,13 +38,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
               attn_mask: torch.Tensor | None = None, is_causal: bool = False,
               request: MapRequest | Sequence[MapRequest] | None = None, *,
               key_padding_mask: torch.Tensor | None = None, layout: str = "bhsd",
-              backend: str = "auto") -> tuple[torch.Tensor, Products | list[Products]]:
+              backend: str = "auto", softcap: float | None = None) -> tuple[torch.Tensor, Products | list[Products]]:
     """Scaled dot-product attention that also returns reductions of its probabilities.
 
     Shapes (layout="bhsd", as torch SDPA; layout="bshd" swaps H and N in every tensor):
         q [B, H, Nq, D], k [B, Hk, Nk, D], v [B, Hk, Nk, Dv]; H % Hk == 0 (GQA/MQA).
         attn_mask: bool (True = attend) or float (added to the scores), broadcastable to [B, H, Nq, Nk].
         key_padding_mask: bool [B, Nk], True = keep.   is_causal: query i sees keys j <= i (top-left).
+    softcap: logit softcapping (Gemma 2): scores = softcap * tanh(scale * q.k / softcap), applied
+        before the masks are added, as transformers' eager attention does; None = no capping.
     Returns (out [B, H, Nq, Dv] in q's dtype and layout, products): products is {} without a
     request, else the float32 tensors described in attncap.request (map, tokens, rows, colsum,
     entropy, peak). A list of requests (several relations of one joint sequence) shares one
@@ -55,12 +57,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     _, _, _, shapes = check_tensors(q, k, v, layout)
     check_masks(attn_mask, key_padding_mask, shapes, q.device)
     scale = _check_scale(scale, shapes.D)
+    softcap = _check_softcap(softcap)
     _check_backend(backend, q.device)
     single = request is None or isinstance(request, MapRequest)
     plans = tuple(check_request(r, shapes) for r in (() if request is None else (request,) if single else request))
     selected_union(plans)  # refuses too many distinct keys before any work
     flat = torch.ops.attncap.attention(q, k, v, attn_mask, key_padding_mask, scale, bool(is_causal), layout,
-                                       backend, _encode(plans))
+                                       backend, _encode(plans), softcap)
     results = _unflatten(plans, flat[1:])
     if single:
         return flat[0], results[0] if results else {}
@@ -71,12 +74,13 @@ def maps_from_lse(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: fl
                   attn_mask: torch.Tensor | None = None, is_causal: bool = False,
                   request: MapRequest | Sequence[MapRequest] = MapRequest(), *,
                   key_padding_mask: torch.Tensor | None = None, layout: str = "bhsd",
-                  backend: str = "auto") -> Products | list[Products]:
+                  backend: str = "auto", softcap: float | None = None) -> Products | list[Products]:
     """The map products (map, rows, colsum) of attention whose forward ran elsewhere.
 
     For a flash forward attncap did not run (PyTorch SDPA's flash backend, flash-attn, FA3) that
     returns the log-sum-exp: attncap's map pass recomputes P = exp(scale * Q K^T + mask - LSE) tile
-    by tile from it. q, k, masks and request as in attncap.attention; lse float32 [B, H, Nq] in
+    by tile from it (with softcap: the capped scores, as attncap.attention). q, k, masks, softcap and
+    request as in attncap.attention; lse float32 [B, H, Nq] in
     natural-log units (-inf for a fully masked query), as torch's _scaled_dot_product_flash_attention
     (CUDA) and _scaled_dot_product_flash_attention_for_cpu (CPU) return it; attncap.cpu_path.sdpa_with_lse
     calls the one for q's device and lists which forwards give a usable LSE where.
@@ -90,6 +94,7 @@ def maps_from_lse(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: fl
         raise ValueError(f"lse must be float32 [B, H, Nq] = {(shapes.B, shapes.H, shapes.Nq)} on {q.device}; got {got}")
     check_masks(attn_mask, key_padding_mask, shapes, q.device)
     scale = _check_scale(scale, shapes.D)
+    softcap = _check_softcap(softcap)
     _check_backend(backend, q.device)
     single = isinstance(request, MapRequest)
     plans = tuple(check_request(r, shapes) for r in ((request,) if single else request))
@@ -100,7 +105,7 @@ def maps_from_lse(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: fl
             raise ValueError(f"request asks for {forward_only}, which come from the forward pass; maps_from_lse "
                              "computes map, rows (queries=) and colsum: use attncap.attention for the others")
     flat = torch.ops.attncap.maps_from_lse(q, k, lse, attn_mask, key_padding_mask, scale, bool(is_causal), layout,
-                                           backend, _encode(plans))
+                                           backend, _encode(plans), softcap)
     results = _unflatten(plans, flat)
     return results[0] if single else results
 
@@ -111,6 +116,15 @@ def _check_scale(scale: float | None, d: int) -> float:
     if not (isinstance(scale, (int, float)) and scale > 0):
         raise ValueError(f"scale must be a positive number or None (1/sqrt(D)); got {scale!r}")
     return float(scale)
+
+
+def _check_softcap(softcap: float | None) -> float | None:
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not (isinstance(softcap, (int, float)) and 0 < softcap < float("inf")):
+        raise ValueError(f"softcap must be a positive finite number (the logit cap, e.g. Gemma 2's 50.0) or None "
+                         f"(no capping); got {softcap!r}")
+    return float(softcap)
 
 
 def _check_backend(name: str, device: torch.device) -> None:
@@ -222,13 +236,13 @@ def _map_jobs(plans: Sequence[Plan], tables: Sequence[_Tables]) -> list[tuple[Ax
 @torch.library.custom_op("attncap::attention", mutates_args=())
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
                   key_padding_mask: torch.Tensor | None, scale: float, is_causal: bool, layout: str, backend: str,
-                  plans: str) -> list[torch.Tensor]:
+                  plans: str, softcap: float | None = None) -> list[torch.Tensor]:
     """[out, then each plan's products in product_shapes' order]. Arguments as checked by attention()."""
     q4, k4, v4 = (_bhsd(x, layout) for x in (q, k, v))
     B, H, Nq, _ = q4.shape
     call, decoded = _tables(plans, q.device), _decode(plans)
     mask, mask_kind, kpm = mask_views(attn_mask, key_padding_mask, (B, H, Nq, k4.shape[2]))
-    masks = dict(mask=mask, mask_kind=mask_kind, key_padding=kpm, is_causal=is_causal)
+    masks = dict(mask=mask, mask_kind=mask_kind, key_padding=kpm, is_causal=is_causal, softcap=softcap)
     out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)  # q's layout
     if B == 0:  # an empty batch gives empty results, as SDPA does, on every backend
         return [out] + _fake_products(q, plans)
@@ -250,7 +264,7 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: 
 
 
 @_attention_op.register_fake
-def _attention_fake(q, k, v, attn_mask, key_padding_mask, scale, is_causal, layout, backend, plans):
+def _attention_fake(q, k, v, attn_mask, key_padding_mask, scale, is_causal, layout, backend, plans, softcap=None):
     out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
     return [out] + _fake_products(q, plans)
 
@@ -258,13 +272,13 @@ def _attention_fake(q, k, v, attn_mask, key_padding_mask, scale, is_causal, layo
 @torch.library.custom_op("attncap::maps_from_lse", mutates_args=())
 def _maps_from_lse_op(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, attn_mask: torch.Tensor | None,
                       key_padding_mask: torch.Tensor | None, scale: float, is_causal: bool, layout: str, backend: str,
-                      plans: str) -> list[torch.Tensor]:
+                      plans: str, softcap: float | None = None) -> list[torch.Tensor]:
     """Each plan's products in product_shapes' order. Arguments as checked by maps_from_lse()."""
     q4, k4 = _bhsd(q, layout), _bhsd(k, layout)
     B, H, Nq, _ = q4.shape
     call, decoded = _tables(plans, q.device), _decode(plans)
     mask, mask_kind, kpm = mask_views(attn_mask, key_padding_mask, (B, H, Nq, k4.shape[2]))
-    masks = dict(mask=mask, mask_kind=mask_kind, key_padding=kpm, is_causal=is_causal)
+    masks = dict(mask=mask, mask_kind=mask_kind, key_padding=kpm, is_causal=is_causal, softcap=softcap)
     jobs = _map_jobs(decoded, call.tables)
     impl = _impl(backend, q.device)
     if B == 0:
@@ -279,7 +293,8 @@ def _maps_from_lse_op(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, attn_
 
 
 @_maps_from_lse_op.register_fake
-def _maps_from_lse_fake(q, k, lse, attn_mask, key_padding_mask, scale, is_causal, layout, backend, plans):
+def _maps_from_lse_fake(q, k, lse, attn_mask, key_padding_mask, scale, is_causal, layout, backend, plans,
+                        softcap=None):
     return _fake_products(q, plans)
 
 

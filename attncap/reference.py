@@ -90,8 +90,9 @@ def _reduce_heads(x: torch.Tensor, heads) -> torch.Tensor:
 
 
 def probabilities(q: torch.Tensor, k: torch.Tensor, scale: float | None = None, attn_mask=None,
-                  is_causal: bool = False, key_padding_mask=None) -> torch.Tensor:
-    """P [B, H, Nq, Nk] for q [B, H, Nq, D], k [B, Hk, Nk, D] (already in the compute dtype)."""
+                  is_causal: bool = False, key_padding_mask=None, softcap: float | None = None) -> torch.Tensor:
+    """P [B, H, Nq, Nk] for q [B, H, Nq, D], k [B, Hk, Nk, D] (already in the compute dtype).
+    softcap: scores become softcap * tanh(scores / softcap) before any mask, as in Gemma 2."""
     B, H, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
     if H % Hk:
@@ -99,6 +100,8 @@ def probabilities(q: torch.Tensor, k: torch.Tensor, scale: float | None = None, 
     k = k.repeat_interleave(H // Hk, dim=1)
     scale = D ** -0.5 if scale is None else scale
     s = scale * (q @ k.transpose(-1, -2))
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
     allowed = torch.ones(B, H, Nq, Nk, dtype=torch.bool, device=q.device)
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
@@ -120,12 +123,12 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
                         attn_mask: torch.Tensor | None = None, is_causal: bool = False,
                         key_padding_mask: torch.Tensor | None = None, request: MapRequest | None = None,
                         layout: str = "bhsd", dtype: torch.dtype = torch.float64,
-                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                        softcap: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Attention output and the products of ``request``, computed naively in ``dtype``.
 
     q [B, H, Nq, D], k [B, Hk, Nk, D], v [B, Hk, Nk, Dv] for layout "bhsd"; [B, N, H, D] for "bshd",
     and the output [B, Nq, H, Dv] in that case (else [B, H, Nq, Dv]). attn_mask broadcasts to
-    [B, H, Nq, Nk]; key_padding_mask is bool [B, Nk]. Products (empty dict when request is None):
+    [B, H, Nq, Nk]; key_padding_mask is bool [B, Nk]; softcap caps the scores (see probabilities). Products (empty dict when request is None):
         "map" [B, G, Qb, Kb], "tokens" [B, G, Qb, Ks], "rows" [B, G, Qs, Kb],
         "colsum" [B, G, Kb], "entropy" [B, G, Qb], "peak" [B, G, Qb]  (all in ``dtype``)
     """
@@ -135,7 +138,7 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     q, k, v = (t.to(dtype) for t in (q, k, v))
     H, Nq, Nk = q.shape[1], q.shape[2], k.shape[2]
-    p = probabilities(q, k, scale, attn_mask, is_causal, key_padding_mask)
+    p = probabilities(q, k, scale, attn_mask, is_causal, key_padding_mask, softcap)
     out = p @ v.repeat_interleave(H // k.shape[1], dim=1)
     if layout == "bshd":
         out = out.transpose(1, 2)

@@ -240,11 +240,12 @@ class CaptureSession:
 
     def capture_call(self, layer: str, layout: CallLayout, default_relations: Sequence[str], q: torch.Tensor,
                      k: torch.Tensor, v: torch.Tensor, attn_mask=None, is_causal: bool = False,
-                     scale: float | None = None, layout_name: str = "bhsd") -> torch.Tensor | None:
+                     scale: float | None = None, layout_name: str = "bhsd",
+                     softcap: float | None = None) -> torch.Tensor | None:
         """Run one attention call through attncap and file its products; None leaves it to the model.
 
         q, k, v as attncap.attention takes them in ``layout_name`` ("bhsd" as SDPA, "bshd" as diffusers'
-        dispatcher); the output comes back in the same layout."""
+        dispatcher), softcap as it takes it; the output comes back in the same layout."""
         self.ledger.reached(layer, [f"{a.name}->{b.name}" for a, b in layout.relations()] + [FULL])
         wanted = self.requests_for(layout, default_relations)
         if not wanted:
@@ -254,7 +255,8 @@ class CaptureSession:
             raise ValueError(f"heads={list(self.config.heads)} but layer {layer!r} has {heads} heads (0 to {heads - 1}); "
                              "pick head indices below that, 'mean' or 'all', or layers with more heads")
         out, products = attention(q, k, v, scale=scale, attn_mask=attn_mask, is_causal=is_causal,
-                                  request=[w[3] for w in wanted], backend=self.backend, layout=layout_name)
+                                  request=[w[3] for w in wanted], backend=self.backend, layout=layout_name,
+                                  softcap=softcap)
         self._file_call(layer, layout, wanted, products)
         return out
 

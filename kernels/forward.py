@@ -27,16 +27,16 @@ import triton.language as tl
 
 from .blocks import load, mma
 from .configs import dot_in_f32, forward_config, launch, strides_or_zeros
-from .masking import LOG2E, masked_scores
+from .masking import masked_scores, score_factors, softcapped
 
 
 @triton.jit
-def _fwd_step(b_q, b_k, b_v, b_acc, b_m, b_l, b_ent, o_m, o_n, m_m, m_n, b, h, scale_log2,
+def _fwd_step(b_q, b_k, b_v, b_acc, b_m, b_l, b_ent, o_m, o_n, m_m, m_n, b, h, scale_log2, cap_in, cap_out,
               MASK, stride_mb, stride_mh, stride_mq, stride_mk, KPM, stride_pb, stride_pk,
               MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr,
-              WANT_STATS: tl.constexpr, IEEE: tl.constexpr):
+              WANT_STATS: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr):
     """One key tile of the online softmax: returns the updated (acc, m, l, ent)."""
-    b_qk = mma(b_q, b_k, IEEE)
+    b_qk = softcapped(mma(b_q, b_k, IEEE), cap_in, cap_out, SOFTCAP)
     if MASKED:
         b_s = masked_scores(b_qk * scale_log2, o_m, o_n, m_m, m_n, b, h, MASK, stride_mb, stride_mh, stride_mq,
                             stride_mk, KPM, stride_pb, stride_pk, IS_CAUSAL, MASK_KIND, HAS_KPM)
@@ -74,11 +74,12 @@ def attn_fwd_kernel(
     stride_ob, stride_oh, stride_on, stride_od,
     stride_mb, stride_mh, stride_mq, stride_mk,
     stride_pb, stride_pk,
-    H, N_Q, N_K, GROUP, N_SEL, scale_log2,
+    H, N_Q, N_K, GROUP, N_SEL, scale_log2, cap_in, cap_out,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr,
     HAS_SEL: tl.constexpr, WANT_STATS: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -126,9 +127,9 @@ def attn_fwd_kernel(
             b_k = b_k.to(tl.float32)
             b_v = b_v.to(tl.float32)
         b_acc, b_m, b_l, b_ent = _fwd_step(b_q, b_k, b_v, b_acc, b_m, b_l, b_ent, o_m, o_n, m_m, o_n < N_K, b, h,
-                                           scale_log2, MASK, stride_mb, stride_mh, stride_mq, stride_mk, KPM,
-                                           stride_pb, stride_pk, False, IS_CAUSAL, MASK_KIND, HAS_KPM,
-                                           WANT_STATS, IEEE)
+                                           scale_log2, cap_in, cap_out, MASK, stride_mb, stride_mh, stride_mq,
+                                           stride_mk, KPM, stride_pb, stride_pk, False, IS_CAUSAL, MASK_KIND,
+                                           HAS_KPM, WANT_STATS, IEEE, SOFTCAP)
     for start_n in range(full_end, hi, BLOCK_N):
         o_n = (start_n + tl.arange(0, BLOCK_N)).to(tl.int64)
         m_n = o_n < N_K
@@ -140,9 +141,9 @@ def attn_fwd_kernel(
             b_k = b_k.to(tl.float32)
             b_v = b_v.to(tl.float32)
         b_acc, b_m, b_l, b_ent = _fwd_step(b_q, b_k, b_v, b_acc, b_m, b_l, b_ent, o_m, o_n, m_m, m_n, b, h,
-                                           scale_log2, MASK, stride_mb, stride_mh, stride_mq, stride_mk, KPM,
-                                           stride_pb, stride_pk, True, IS_CAUSAL, MASK_KIND, HAS_KPM,
-                                           WANT_STATS, IEEE)
+                                           scale_log2, cap_in, cap_out, MASK, stride_mb, stride_mh, stride_mq,
+                                           stride_mk, KPM, stride_pb, stride_pk, True, IS_CAUSAL, MASK_KIND,
+                                           HAS_KPM, WANT_STATS, IEEE, SOFTCAP)
 
     b_empty = b_l == 0.0
     b_inv = tl.where(b_empty, 0.0, 1.0 / tl.where(b_empty, 1.0, b_l))
@@ -165,7 +166,7 @@ def attn_fwd_kernel(
                        mask=m_d[:, None] & m_s[None, :], other=0.0)
         if DOT_F32:
             b_ks = b_ks.to(tl.float32)
-        b_ss = masked_scores(mma(b_q, b_ks, IEEE) * scale_log2, o_m, b_sel, m_m, m_s, b, h, MASK, stride_mb,
+        b_ss = masked_scores(softcapped(mma(b_q, b_ks, IEEE), cap_in, cap_out, SOFTCAP) * scale_log2, o_m, b_sel, m_m, m_s, b, h, MASK, stride_mb,
                              stride_mh, stride_mq, stride_mk, KPM, stride_pb, stride_pk, IS_CAUSAL, MASK_KIND,
                              HAS_KPM)
         b_shift = tl.where(b_m == float("-inf"), 0.0, b_m)
@@ -175,12 +176,14 @@ def attn_fwd_kernel(
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, scale: float,
             mask: torch.Tensor | None = None, mask_kind: int = 0, key_padding: torch.Tensor | None = None,
-            is_causal: bool = False, selected: torch.Tensor | None = None, want_stats: bool = False):
+            is_causal: bool = False, selected: torch.Tensor | None = None, want_stats: bool = False,
+            softcap: float | None = None):
     """Launch the forward. All tensors are [B, heads, N, D] views (any strides: BHSD and BSHD alike).
 
     q [B,H,Nq,D], k [B,Hk,Nk,D], v [B,Hk,Nk,Dv], out [B,H,Nq,Dv] (written).
     mask: [B,H,Nq,Nk] view (broadcast dims with stride 0), uint8 for mask_kind 1, float for 2.
     key_padding: uint8 [B,Nk], nonzero = keep. selected: int32 [S] key indices, S <= 128.
+    softcap: logit cap (scores = softcap * tanh(scale * q.k / softcap), before the masks) or None.
     Returns (lse [B,H,Nq], tokens [B,H,Nq,S] or None, entropy [B,H,Nq] or None, peak or None), fp32.
     """
     B, H, Nq, D = q.shape
@@ -197,11 +200,11 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor
             selected if n_sel else lse, tokens if n_sel else lse, ent if want_stats else lse,
             peak if want_stats else lse,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *strides_or_zeros(mask, 4),
-            *strides_or_zeros(key_padding, 2), H, Nq, Nk, H // Hk, n_sel, scale * LOG2E)
+            *strides_or_zeros(key_padding, 2), H, Nq, Nk, H // Hk, n_sel, *score_factors(scale, softcap))
     launch(attn_fwd_kernel, grid, args, dict(
         HEAD_D=D, HEAD_DV=Dv, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_DV=max(16, triton.next_power_of_2(Dv)),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_S=max(16, triton.next_power_of_2(max(n_sel, 1))),
         IS_CAUSAL=is_causal, MASK_KIND=mask_kind, HAS_KPM=key_padding is not None, HAS_SEL=n_sel > 0,
-        WANT_STATS=want_stats, DOT_F32=dot_in_f32(q), IEEE=q.dtype == torch.float32,
+        WANT_STATS=want_stats, DOT_F32=dot_in_f32(q), IEEE=q.dtype == torch.float32, SOFTCAP=softcap is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages))
     return lse, tokens, ent, peak

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from .blocks import mma
 from .configs import dot_in_f32, launch, map_config, sm_count, strides_or_zeros
-from .masking import LOG2E, masked_scores
+from .masking import masked_scores, score_factors, softcapped
 from .slots import SlotLayout, lay_out
 
 P_SCALE_LOG2 = 14.0  # P enters the pooling products as 2^14 P
@@ -48,12 +48,12 @@ def attn_map_kernel(
     stride_mb, stride_mh, stride_mq, stride_mk,
     stride_biasb,
     stride_os, stride_ob, stride_og, stride_oq,
-    H, N_Q, GROUP, G, HPG, HPS, QSPLIT, N_KT, N_QBINS, N_KBINS, scale_log2,
+    H, N_Q, GROUP, G, HPG, HPS, QSPLIT, N_KT, N_QBINS, N_KBINS, scale_log2, cap_in, cap_out,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     Q_BIN_SLOTS: tl.constexpr, Q_BINS: tl.constexpr, Q_SPAN: tl.constexpr, QW: tl.constexpr,
     K_BIN_SLOTS: tl.constexpr, K_BINS: tl.constexpr, K_SPAN: tl.constexpr, KW: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KBIAS: tl.constexpr,
-    POOL_F16: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+    POOL_F16: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
     hs = tl.program_id(1)
@@ -112,7 +112,7 @@ def attn_map_kernel(
                 b_k = tl.load(p_k0 + o_sk[None, :] * BLOCK_D + o_d[:, None])   # [BLOCK_D, BLOCK_N]
                 if DOT_F32:
                     b_k = b_k.to(tl.float32)
-                b_qk = mma(b_q, b_k, IEEE)
+                b_qk = softcapped(mma(b_q, b_k, IEEE), cap_in, cap_out, SOFTCAP)
                 if MASKED:
                     b_tk = tl.load(KTOK + o_sk)
                     m_k = b_tk >= 0
@@ -178,13 +178,14 @@ def _key_bias(kl: SlotLayout, key_padding: torch.Tensor | None) -> torch.Tensor 
 
 def map_pass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float, qplan, kplan,
              heads_table: torch.Tensor, mask: torch.Tensor | None = None, mask_kind: int = 0,
-             key_padding: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+             key_padding: torch.Tensor | None = None, is_causal: bool = False,
+             softcap: float | None = None) -> torch.Tensor:
     """Mean probability over (query bin, key bin) blocks, averaged over each head group.
 
     q [B,H,Nq,D], k [B,Hk,Nk,D] views (any strides); lse [B,H,Nq] fp32, natural log, -inf for a
     fully masked row (from the forward or another flash kernel); qplan/kplan AxisPlans on q's
     device; heads_table int32 [G, HPG]: the query heads averaged into output head g; mask and
-    key_padding as kernels.forward takes them. Returns float32 [B, G, Qb, Kb].
+    key_padding and softcap as kernels.forward takes them. Returns float32 [B, G, Qb, Kb].
     """
     B, H, Nq, D = q.shape
     Hk = k.shape[1]
@@ -210,12 +211,12 @@ def map_pass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float, 
             mask if mask is not None else q, partial, heads_table,
             *q.stride(), kg.stride(0), kg.stride(1), *strides_or_zeros(mask, 4),
             bias.stride(0) if bias is not None and bias.shape[0] > 1 else 0, *partial.stride()[:4],
-            H, Nq, H // Hk, G, HPG, hps, q_split, kl.n_tiles, ql.nbins, kl.nbins, scale * LOG2E)
+            H, Nq, H // Hk, G, HPG, hps, q_split, kl.n_tiles, ql.nbins, kl.nbins, *score_factors(scale, softcap))
     launch(attn_map_kernel, grid, args, dict(
         HEAD_D=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
         Q_BIN_SLOTS=ql.bin_slots, Q_BINS=ql.bins_per_tile, Q_SPAN=ql.span, QW=ql.bins_width,
         K_BIN_SLOTS=kl.bin_slots, K_BINS=kl.bins_per_tile, K_SPAN=kl.span, KW=kl.bins_width,
         IS_CAUSAL=is_causal, MASK_KIND=mask_kind, HAS_KBIAS=bias is not None,
         POOL_F16=q.element_size() == 2, DOT_F32=dot_in_f32(q), IEEE=q.dtype == torch.float32,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        SOFTCAP=softcap is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
     return partial[0] if partial.shape[0] == 1 else partial.sum(0)

@@ -9,6 +9,14 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 
 
+def score_factors(scale: float, softcap: float | None) -> tuple[float, float, float]:
+    """(scale_log2, cap_in, cap_out), the kernels' score arguments: q.k * scale_log2 is the log2 score,
+    after softcapped(q.k, cap_in, cap_out) when softcap is set (the cap then carries the scale)."""
+    if softcap is None:
+        return scale * LOG2E, 1.0, 1.0
+    return 1.0, scale / softcap, softcap * LOG2E
+
+
 @triton.jit
 def masked_scores(s, tok_m, tok_n, valid_m, valid_n, b, h,
                   MASK, stride_mb, stride_mh, stride_mq, stride_mk,
@@ -34,3 +42,16 @@ def masked_scores(s, tok_m, tok_n, valid_m, valid_n, b, h,
         kp = tl.load(KPM + b * stride_pb + tok_n * stride_pk, mask=valid_n, other=0)
         keep = keep & (kp[None, :] != 0)
     return tl.where(keep, s, float("-inf"))
+
+
+@triton.jit
+def softcapped(qk, cap_in, cap_out, SOFTCAP: tl.constexpr):
+    """q.k as it enters the scores: unchanged, or with SOFTCAP the log2 scores of logit softcapping,
+    cap * tanh(scale * q.k / cap) * log2(e) with cap_in = scale / cap, cap_out = cap * log2(e) (the
+    launcher then passes scale_log2 = 1). tanh(x) = 1 - 2 / (exp(2x) + 1) in fp32, as tl has no tanh:
+    +-1 at large |x| (exp gives inf or 0, never NaN); absolute error ~1 ulp of 1, i.e. ~cap * 6e-8
+    in the score, the size of the fp32 rounding of a score of that magnitude."""
+    if SOFTCAP:
+        return cap_out * (1.0 - 2.0 / (tl.exp(2.0 * cap_in * qk) + 1.0))
+    else:
+        return qk

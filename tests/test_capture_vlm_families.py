@@ -313,24 +313,45 @@ def test_attention_sinks_in_bfloat16_within_twice_eager_error():
         assert err <= 2 * float((1 - low.attentions[i].double().sum(-1) - want).abs().max())
 
 
-def test_logit_softcapping_refused_before_the_forward():
+def tiny_gemma2(cap: float | None):
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     torch.manual_seed(0)
-    model = Gemma2ForCausalLM(Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    model = Gemma2ForCausalLM(Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                            num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                                           attn_logit_softcapping=50.0, pad_token_id=PAD)).eval()
-    before = model.config._attn_implementation
-    with pytest.raises(ValueError, match=r"model.layers.0.self_attn: attn_logit_softcapping=50.0.*tanh"):
-        with attncap.capture(model):
-            raise AssertionError("the block must not run")
-    assert model.config._attn_implementation == before
-    ids = torch.randint(3, 60, (1, 7), generator=torch.Generator().manual_seed(0))
+                                           sliding_window=4, attn_logit_softcapping=cap, pad_token_id=PAD)).eval()
+    # Scores of several units (random init gives ~0.01), so tanh is far from linear at cap 2 and a
+    # capture that ignored the cap would be caught. Layer 0 slides (window 4), layer 1 is global.
     with torch.no_grad():
-        plain = model(input_ids=ids).logits
-        with attncap.capture(model, layers="nothing.*"):  # no softcapped layer selected: runs as before
-            left_alone = model(input_ids=ids).logits
-    torch.testing.assert_close(left_alone, plain, atol=1e-6, rtol=1e-6)
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.normal_(0, 1.0)
+            layer.self_attn.k_proj.weight.normal_(0, 1.0)
+    return model
+
+
+def test_logit_softcapping_exact():
+    model = tiny_gemma2(2.0)
+    ids = torch.randint(3, 60, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding
+    ref = eager(model, dict(input_ids=ids, attention_mask=mask))
+    uncapped = tiny_gemma2(None)
+    uncapped.load_state_dict(model.state_dict())
+    loose = eager(uncapped, dict(input_ids=ids, attention_mask=mask))
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask).logits
+        with attncap.capture(model, relations="all", heads="all") as store:
+            logits = model(input_ids=ids, attention_mask=mask).logits
+    valid = mask.bool()
+    # padding rows see no key: attncap gives them zeros, eager a uniform row; only real tokens are compared
+    torch.testing.assert_close(logits[valid], plain[valid], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[valid], ref.logits[valid], atol=1e-5, rtol=1e-5)
+    rows = valid[:, None, :, None]
+    for i in range(2):
+        (text,) = store.get(layer=f"model.layers.{i}.self_attn", relation="text->text")
+        got, want = (torch.where(rows, x.double(), 0) for x in (text.data, ref.attentions[i]))
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert float((got - torch.where(rows, loose.attentions[i].double(), 0)).abs().max()) > 1e-2  # the cap bites
 
 
 def test_image_token_id_found_in_vision_config():

@@ -180,12 +180,15 @@ def test_a_thousand_tokens_through_the_kernels(poison_outputs):
         torch.testing.assert_close(got[name].cpu().double(), ref[name], **PRODUCT_TOL)
 
 
-def reference_lse(q, k, c: Case, kw: dict) -> torch.Tensor:
-    """float32 [B, H, Nq] natural-log LSE of the masked scores, -inf where a query sees no key."""
+def reference_lse(q, k, c: Case, kw: dict, softcap: float | None = None) -> torch.Tensor:
+    """float32 [B, H, Nq] natural-log LSE of the masked scores (capped first when softcap is set),
+    -inf where a query sees no key."""
     if c.layout == "bshd":
         q, k = q.transpose(1, 2), k.transpose(1, 2)
     q, k = q.cpu().double(), k.cpu().double().repeat_interleave(c.H // c.Hk, dim=1)
     s = q @ k.transpose(-1, -2) * c.D ** -0.5
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
     mask = kw.get("attn_mask")
     if mask is not None and mask.dtype == torch.bool:
         s = s.masked_fill(~mask.cpu(), float("-inf"))

@@ -10,38 +10,22 @@
   keeps it, the sink key gets ones there, real keys zeros) and whose value is zero. Every product
   is then normalised over the real keys and the sink, as eager's weights are; the sink's own
   column is a "sink" key segment.
-- Logit softcapping (Gemma 2: scores = cap * tanh(scores / cap)) has no exact form in attncap's
-  kernels: a capture that selects such a layer is refused before the forward (``check_model``); the
-  layers it leaves alone soft-cap on the model's eager attention as before.
+- Logit softcapping (Gemma 2 passes ``softcap``: scores = cap * tanh(scores / cap) after the scaling,
+  before the mask) is captured exactly: attncap.attention takes the same ``softcap``. Calls left
+  alone soft-cap on the model's eager attention as before (SDPA would refuse them).
 
 Shape legend: B batch, H query heads, Hk key heads, Nq queries, Nk keys, D head dim, Dv value dim.
 """
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from ..validate import MAX_HEAD_DIM
 
 SINK_KWARGS = ("s_aux", "sinks")
-SOFTCAP_ATTRS = ("attn_logit_softcapping",)
-
-
-def check_model(model: torch.nn.Module, wants_layer: Callable[[str], bool]) -> None:
-    """Refuse, before anything is installed, a capture of layers whose attention attncap cannot
-    reproduce (layers not selected keep running on the model's own attention)."""
-    for name, module in model.named_modules():
-        for attr in SOFTCAP_ATTRS:
-            cap = getattr(module, attr, None)
-            if cap is None or isinstance(cap, torch.nn.Module) or not wants_layer(name):
-                continue
-            raise ValueError(
-                f"{name}: {attr}={cap}: this layer soft-caps its attention logits (scores = cap * tanh(scores / "
-                f"cap)), which attncap's kernels do not compute, so capture would change the model's outputs. "
-                f"Nothing was captured. Select layers without logit softcapping (layers=...), or set "
-                f"config.{attr}=None before loading the model if different outputs are acceptable")
 
 
 def sinks_of(kwargs: dict) -> torch.Tensor | None:

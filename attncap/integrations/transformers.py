@@ -6,8 +6,7 @@ name to AttentionMaskInterface, so padding/causal masks arrive as bool [B, 1, Nq
 block (restored on exit) and routes each attention call to the session. Calls that are not captured
 (steps or layers not asked for, dropout, position bias, flex block masks) run on the attention the model
 was configured with (its eager function for eager-only models such as GPT-OSS, else SDPA); attention
-sinks are captured exactly and logit softcapping is refused before the forward
-(attncap.integrations.hf_attention). Capture never changes a model's outputs.
+sinks and logit softcapping are captured exactly (attncap.integrations.hf_attention). Capture never changes a model's outputs.
 
 Layers are module paths: "model.language_model.layers.0.self_attn", "model.visual.blocks.0.attn",
 "model.vision_tower.encoder.layers.0.self_attn", "encoder.layer.0.attention.self".
@@ -58,7 +57,7 @@ import torch
 
 from ..session import CallLayout, CaptureSession, Segment
 from .generic import GenericCapture, all_relations, check_layout, check_steps, layout_for
-from .hf_attention import check_model, original_forward, sinks_of, with_sink
+from .hf_attention import original_forward, sinks_of, with_sink
 from .vlm_layouts import MEDIA, MergeTower, PatchTower, TokenSequence
 from .vlm_media import media_items
 
@@ -206,7 +205,6 @@ class TransformersCapture:
     def install(self) -> None:
         check_steps(self.session, "generation")
         configs = _configs(self.model)
-        check_model(self.model, self.session.config.wants_layer)
         register()
         self.token_ids = _token_ids(self.model, configs)
         try:
@@ -410,9 +408,6 @@ class TransformersCapture:
             tower_layout = tower.layout(module, query, key) if self.layout is None else None
         if not st.active or not self.session.config.wants_layer(layer):
             return None
-        if kwargs.get("softcap") is not None:
-            raise ValueError(f"{layer}: attention logit softcapping (softcap={kwargs['softcap']}) has no exact "
-                             "form in attncap; capture would change the model's outputs")
         unsupported = ("dropout" if dropout else "a position bias" if kwargs.get("position_bias") is not None
                        else "a flex BlockMask" if mask is not None and not isinstance(mask, torch.Tensor) else None)
         if unsupported is not None:
@@ -457,7 +452,10 @@ class TransformersCapture:
                                      _permuted_mask(mask, is_causal, nq, nk, qperm, kperm, query.device))
             attn_mask = self._masks[key_][3]
             is_causal = False  # now in the mask
-        sinks = sinks_of(kwargs)
+        sinks, softcap = sinks_of(kwargs), kwargs.get("softcap")
+        if sinks is not None and softcap is not None:  # the sink's logit would be capped too: not eager's math
+            raise ValueError(f"{layer}: attention sinks together with logit softcapping (softcap={softcap}) have "
+                             "no exact form in attncap; capture would change the model's outputs")
         if sinks is not None:  # one more key, the sink: exact (attncap.integrations.hf_attention)
             q, k, v, attn_mask = with_sink(q, k, v, attn_mask, is_causal, sinks, scale)
             is_causal = False
@@ -467,7 +465,7 @@ class TransformersCapture:
                 torch.cat([kperm, torch.full_like(kperm[..., :1], nk)], -1)  # the sink key stays last
             layout = dataclasses.replace(layout, query_order=qperm, key_order=korder)
         out = self.session.capture_call(layer, layout, defaults, q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                        scale=scale)
+                                        scale=scale, softcap=softcap)
         if out is None:
             return None
         out = _take(out, _inverse(qperm), 2)
