@@ -128,7 +128,9 @@ def torch_path_table(rows: dict, shapes: list[str]) -> list[str]:
     extra memory, beside the peer tool's time / sdpa from the same run."""
     lines = ["Torch path (attncap_fused on the CPU): time / sdpa alone, peak extra MiB, and the peer "
              "(attention-map-diffusers) time / sdpa, all from this run. Target: at most 2.00x for every "
-             "product; the pooled map never slower than the unpooled one.", "",
+             "product; the pooled map never slower than the unpooled one. * marks a timing taken while other "
+             "processes used over 10% of the CPU: with 2 threads every parallel op then waits for the second "
+             "core (~2 ms each, measured), which a many-op path pays many times and SDPA once.", "",
              "| shape | " + " | ".join(TASKS) + " |", "|---|" + "---:|" * len(TASKS)]
     for shape in shapes:
         sdpa_ms = (rows.get((shape, "forward", "sdpa")) or {}).get("median_ms")
@@ -138,9 +140,12 @@ def torch_path_table(rows: dict, shapes: list[str]) -> list[str]:
             if fused is None or "median_ms" not in fused:
                 cells.append("-")
                 continue
-            cell = f"{ratio(fused['median_ms'], sdpa_ms)} ({fused['peak_extra_mib']:.0f} MiB)"
+            def mark(row: dict) -> str:
+                return " *" if row.get("others_cpu", 0) > DISTURBED else ""
+
+            cell = f"{ratio(fused['median_ms'], sdpa_ms)}{mark(fused)} ({fused['peak_extra_mib']:.0f} MiB)"
             if peer is not None and "median_ms" in peer:
-                cell += f"; peer {ratio(peer['median_ms'], sdpa_ms)}"
+                cell += f"; peer {ratio(peer['median_ms'], sdpa_ms)}{mark(peer)}"
             cells.append(cell)
         lines.append(f"| {shape} | " + " | ".join(cells) + " |")
     return lines
