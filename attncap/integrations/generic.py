@@ -190,11 +190,11 @@ class GenericCapture:
     def from_dispatch(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                       enable_gqa=False, _parallel_config=None, **backend_kwargs):
         """A diffusers backend's call ([B, N, H, D]; a [B, Nk] mask is key padding): the SDPA handler's."""
+        from .diffusers.dispatch import dispatch_mask
+
         if _parallel_config is not None or (attn_mask is not None and not isinstance(attn_mask, torch.Tensor)):
             return None
-        if isinstance(attn_mask, torch.Tensor) and attn_mask.dim() == 2 and \
-                tuple(attn_mask.shape) == (query.shape[0], key.shape[1]):
-            attn_mask = attn_mask[:, None, None, :]
+        attn_mask = dispatch_mask(attn_mask, query, key)
         out = self._handler(*(x.transpose(1, 2) for x in (query, key, value)), attn_mask=attn_mask,
                             dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
         return None if out is None else out.transpose(1, 2)

@@ -24,7 +24,6 @@ D head dim, Qb/Kb pooled bins, W ranks in the CP group.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
@@ -77,30 +76,17 @@ def local_positions(segments: Sequence[Segment], world: int, rank: int, split: b
                       for s in segments])
 
 
-def _bin_ids(offsets: torch.Tensor, grid, factors, bins_grid) -> torch.Tensor:
-    """Pooled bin of each token offset (row-major on ``grid``) in the row-major pooled grid."""
-    coords, rest = [], offsets.clone()
-    for size in reversed(grid):
-        coords.append(rest % size)
-        rest = rest // size
-    bin_id = torch.zeros_like(offsets)
-    for c, f, nb in zip(coords[::-1], factors, bins_grid):
-        bin_id = bin_id * nb + c // f
-    return bin_id
-
-
 def _bins(segment: Segment, pool, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(bin of each global position in ``segment``, tokens per bin, bins) on its pooled query axis."""
-    from ..layouts import normalize_pool, pooled_grid
+    """(bin of each global position in ``segment``, tokens per bin, bins) on its pooled query axis: the
+    bins of attncap's own axis plan, so a rank's partial lands where the one-GPU product has it."""
+    from ..layouts import normalize_pool, plan_range
 
     offsets = positions - segment.start
     factors = normalize_pool(segment.grid, pool, "pool") if segment.grid is not None else None
-    if factors is None:
-        return offsets, torch.ones(segment.length), segment.length
-    bins_grid = pooled_grid(segment.grid, factors)
-    every = _bin_ids(torch.arange(segment.length), segment.grid, factors, bins_grid)
-    counts = torch.bincount(every, minlength=math.prod(bins_grid)).float()
-    return _bin_ids(offsets, segment.grid, factors, bins_grid), counts, math.prod(bins_grid)
+    plan = plan_range(segment.start, segment.stop, segment.grid, factors)
+    bin_of_token = torch.empty(segment.length, dtype=torch.long)
+    bin_of_token[plan.perm.long() - segment.start] = plan.bin_of_slot.long()
+    return bin_of_token[offsets], plan.counts, plan.nbins
 
 
 def _gather_seq(x: torch.Tensor, group, world: int) -> torch.Tensor:

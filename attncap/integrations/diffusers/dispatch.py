@@ -108,6 +108,16 @@ def classic_scores(attn: torch.nn.Module, handler: Any) -> Iterator[None]:
         vars(attn).pop("get_attention_scores", None)
 
 
+def dispatch_mask(attn_mask, query: torch.Tensor, key: torch.Tensor):
+    """A dispatcher call's mask as attncap takes it: a [B, Nk] key-padding mask becomes [B, 1, 1, Nk] (as
+    diffusers' native backend reshapes it); None when it is not a tensor attncap can use (a flex BlockMask)."""
+    if attn_mask is None or not isinstance(attn_mask, torch.Tensor):
+        return None
+    if attn_mask.dim() == 2 and tuple(attn_mask.shape) == (query.shape[0], key.shape[1]):
+        return attn_mask[:, None, None, :]
+    return attn_mask
+
+
 def classic_to_heads(attn: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                      mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """[BH, N, D] q, k and a [BH, 1 | Nq, Nk] additive mask as [B, H, N, D] and [B, H, 1 | Nq, Nk]."""

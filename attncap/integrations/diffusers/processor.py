@@ -18,7 +18,7 @@ import torch
 from ...intercept import handling, intercept_sdpa
 from ...session import CallLayout, CaptureSession
 from .. import parallel
-from .dispatch import classic_scores, classic_to_heads
+from .dispatch import classic_scores, classic_to_heads, dispatch_mask
 
 # (call index, Nq, Nk) -> layout, or a string saying why this call has none
 LayoutFn = Callable[[int, int, int], "CallLayout | str"]
@@ -101,9 +101,7 @@ class CallHandler:
             self.proc.session.note(self.proc.layer, f"a {type(attn_mask).__name__} mask (attncap takes tensor masks)")
             self.index += 1
             return None
-        if isinstance(attn_mask, torch.Tensor) and attn_mask.dim() == 2 and \
-                tuple(attn_mask.shape) == (query.shape[0], key.shape[1]):
-            attn_mask = attn_mask[:, None, None, :]
+        attn_mask = dispatch_mask(attn_mask, query, key)
         return self._capture(query, key, value, attn_mask, dropout_p, is_causal, scale, "bshd")
 
     def from_classic(self, attn, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) -> None:
