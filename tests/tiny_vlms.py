@@ -226,3 +226,106 @@ def vlm_inputs(name: str, model, seed: int = 0) -> dict:
     if name == "paligemma":  # the processor's prefix marks (all prompt): without them eager and sdpa disagree
         out["token_type_ids"] = torch.zeros_like(ids)
     return out
+
+
+# ----------------------------------------------------------------------------------- Qwen thw families
+# Qwen-style ids: vision start/end, audio start/end, video and audio placeholders (image: IMAGE).
+VIDEO, AUDIO, VSTART, VEND, ASTART, AEND = 61, 62, 53, 54, 51, 52
+MROPE = {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0}
+QWEN_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=2, spatial_merge_size=2,
+                   temporal_patch_size=2, in_channels=3, out_hidden_size=32)
+QWEN3_VISION = dict(QWEN_VISION, num_position_embeddings=64, deepstack_visual_indexes=[0])
+MOE = dict(moe_intermediate_size=16, num_experts=2, num_experts_per_tok=1, decoder_sparse_step=1)
+QWEN_IDS = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VSTART, vision_end_token_id=VEND)
+
+
+def qwen2_5_omni(seed: int = 0):
+    """Qwen2.5-Omni thinker: Qwen2.5-VL tower (window blocks 0, full block 1), a Whisper-style audio tower."""
+    from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
+
+    torch.manual_seed(seed)
+    audio = dict(num_mel_bins=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32, d_model=32,
+                 output_dim=32, n_window=4, max_source_positions=64)
+    cfg = Qwen2_5OmniThinkerConfig(
+        text_config=dict(TEXT, rope_parameters=MROPE), audio_config=audio,
+        vision_config=dict(QWEN_VISION, window_size=8, fullatt_block_indexes=[1]),
+        image_token_index=IMAGE, video_token_index=VIDEO, audio_token_index=AUDIO, vision_start_token_id=VSTART,
+        vision_end_token_id=VEND, audio_start_token_id=ASTART, audio_end_token_id=AEND)
+    return _eval(Qwen2_5OmniThinkerForConditionalGeneration(cfg))
+
+
+def qwen3_omni(seed: int = 0):
+    """Qwen3-Omni-MoE thinker: Qwen3-VL tower (deepstack at block 0), MoE text, conv-downsampled audio."""
+    from transformers import Qwen3OmniMoeThinkerConfig, Qwen3OmniMoeThinkerForConditionalGeneration
+
+    torch.manual_seed(seed)
+    audio = dict(num_mel_bins=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32, d_model=32,
+                 output_dim=32, n_window=50, max_source_positions=64, downsample_hidden_size=8)  # its lengths assume 50
+    cfg = Qwen3OmniMoeThinkerConfig(text_config=dict(TEXT, **MOE, rope_parameters=MROPE), audio_config=audio,
+                                    vision_config=QWEN3_VISION, audio_token_id=AUDIO, audio_start_token_id=ASTART,
+                                    **QWEN_IDS)
+    return _eval(Qwen3OmniMoeThinkerForConditionalGeneration(cfg))
+
+
+def qwen3_vl_moe(seed: int = 0):
+    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = Qwen3VLMoeConfig(text_config=dict(TEXT, **MOE, rope_parameters=dict(MROPE, mrope_interleaved=True)),
+                           vision_config=QWEN3_VISION, **QWEN_IDS)
+    return _eval(Qwen3VLMoeForConditionalGeneration(cfg))
+
+
+def qwen_media(model, image=(1, 8, 12), video=(2, 4, 6), mel_frames: int | None = 40, seed: int = 0) -> dict:
+    """input_ids [1, N]: text, <vs> image <ve>, text, <vs> video <ve>, then <as> audio <ae> if
+    mel_frames, then text, with the pixel / mel inputs of a Qwen processor (patches flattened to
+    [t * h * w, C * tp * p * p]). Qwen3-VL's processor puts a timestamp (text) before each frame."""
+    g = torch.Generator().manual_seed(seed)
+    vc = model.config.vision_config
+    width = 3 * vc.temporal_patch_size * vc.patch_size ** 2
+    n_img, per_frame = image[0] * image[1] * image[2] // 4, video[1] * video[2] // 4
+    frames = video[0] if model.config.model_type.startswith("qwen3_vl") else 1
+    ids = [5, 6, VSTART] + [IMAGE] * n_img + [VEND]
+    for _ in range(frames):
+        ids += [7, VSTART] + [VIDEO] * (per_frame * video[0] // frames) + [VEND]
+    out = dict(pixel_values=torch.randn(n_img * 4, width, generator=g), image_grid_thw=torch.tensor([list(image)]),
+               pixel_values_videos=torch.randn(per_frame * video[0] * 4, width, generator=g),
+               video_grid_thw=torch.tensor([list(video)]))
+    if mel_frames:
+        feats = torch.randn(1, model.config.audio_config.num_mel_bins, mel_frames, generator=g)
+        mask = torch.ones(1, mel_frames, dtype=torch.long)
+        with torch.no_grad():
+            n_audio = model.get_audio_features(feats, mask).last_hidden_state.shape[0]
+        ids += [ASTART] + [AUDIO] * n_audio + [AEND]
+        out.update(input_features=feats, feature_attention_mask=mask, video_second_per_grid=torch.tensor([1.0]))
+    ids = torch.tensor([ids + [8, 9, 10]])
+    if model.config.model_type == "qwen3_vl_moe":  # its processor's M-RoPE groups: image 1, video 2
+        out["mm_token_type_ids"] = (ids == IMAGE).int() + 2 * (ids == VIDEO).int()
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), **out)
+
+
+# ----------------------------------------------------------------------------------- Mllama
+def mllama(seed: int = 0):
+    """Mllama: self-attention layer 0, cross-attention layer 1 over the tower's tiles (16x16 pixels, patch 4:
+    [cls, 4x4 patches] per tile, padded to 24 tokens inside the tower)."""
+    from transformers import MllamaConfig, MllamaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = dict(TEXT, cross_attention_layers=[1])
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1, attention_heads=2,
+                  image_size=16, patch_size=4, max_num_tiles=4, vision_output_dim=64, intermediate_layers_indices=[0],
+                  supported_aspect_ratios=[[1, 1], [1, 2], [2, 1], [2, 2]])
+    return _eval(MllamaForConditionalGeneration(MllamaConfig(text_config=text, vision_config=vision,
+                                                             image_token_index=IMAGE)))
+
+
+def mllama_inputs(model, seed: int = 0) -> dict:
+    """One image of 1x2 tiles (aspect ratio id 2) padded to 4 tiles; the text after <|image|> sees its tiles."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.tensor([[5, IMAGE, 6, 7, 8, 9]])
+    tiles = torch.tensor([[[1, 1, 0, 0]]])
+    pv = torch.randn(1, 1, 4, 3, 16, 16, generator=g) * tiles[..., None, None, None]
+    cross = torch.zeros(1, 6, 1, 4, dtype=torch.long)
+    cross[:, 1:, :, :2] = 1
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pv, aspect_ratio_mask=tiles,
+                aspect_ratio_ids=torch.tensor([[2]]), cross_attention_mask=cross)

@@ -58,13 +58,13 @@ import torch
 from ..session import CallLayout, CaptureSession, Segment
 from .generic import GenericCapture, all_relations, check_layout, check_steps, layout_for
 from .hf_attention import original_forward, sinks_of, with_sink
-from .vlm_layouts import MEDIA, MergeTower, PatchTower, TokenSequence
+from .vlm_layouts import MEDIA, AudioTower, MergeTower, PatchTower, TileTower, TokenSequence
 from .vlm_media import media_items
 
 ATTN = "attncap"
-LM_DEFAULT_MEDIA = ("text->image", "text->video")
+LM_DEFAULT_MEDIA = ("text->image", "text->video", "text->audio")
 LM_DEFAULT_TEXT = ("text->text",)
-TOWER_DEFAULT = ("image->image", "video->video")
+TOWER_DEFAULT = ("image->image", "video->video", "audio->audio")
 
 _ACTIVE: list["TransformersCapture"] = []
 _UNSET = object()  # a method wrapped on a module that had no instance attribute of that name
@@ -154,7 +154,7 @@ def _configs(model: torch.nn.Module) -> list:
 def _token_ids(model: torch.nn.Module, configs: list) -> dict[str, int | None]:
     """The image / video placeholder ids: the top config's, else a sub-config's (Phi-4-multimodal keeps
     image_token_id in its vision_config)."""
-    found: dict[str, int | None] = {"image": None, "video": None}
+    found: dict[str, int | None] = {name: None for name in MEDIA}
     ordered = [model.config] + [c for c in configs if c is not model.config]
     for modality in found:
         for cfg in ordered:
@@ -199,6 +199,8 @@ class TransformersCapture:
         self._masks: dict[tuple, tuple] = {}  # holds the mask and perms too, so their ids stay theirs
         self._warned: set[str] = set()
         self.token_ids: dict[str, int | None] = {}
+        self._cross: set[int] = set()  # language-model attention modules whose keys are the vision tokens (Mllama)
+        self._tile_tower: TileTower | None = None
         self.vision_config = getattr(model.config, "vision_config", None)
 
     # -------------------------------------------------------------------------- install / restore
@@ -222,6 +224,7 @@ class TransformersCapture:
                 return
             self.names = {id(m): name for name, m in self.model.named_modules()}
             self._find_towers()
+            self._find_cross_attention()
             self._wrap_media()
             self._hooks.append(self.model.register_forward_pre_hook(self._on_step, with_kwargs=True))
             self._hooks.append(self.model.register_forward_hook(self._after_step, always_call=True))
@@ -267,11 +270,18 @@ class TransformersCapture:
                 continue
             by_config = vc is not None and isinstance(m, PreTrainedModel) and getattr(m, "config", None) is vc
             by_name = vc is not None and name.rsplit(".", 1)[-1] in ("visual", "vision_tower", "vision_model")
-            if by_config or by_name:
+            if by_config or by_name or name.rsplit(".", 1)[-1] == "audio_tower":
                 roots.append((name, m))
         for name, root in roots:
+            if name.rsplit(".", 1)[-1] == "audio_tower":
+                audio = AudioTower(root)
+                self.towers.update({id(sub): audio for sub in root.modules()})
+                continue
             merged = hasattr(root, "spatial_merge_size") or hasattr(root, "merge_kernel_size")
-            tower = MergeTower(root) if merged else PatchTower(root)
+            tiled = getattr(getattr(root, "config", None), "model_type", None) == "mllama_vision_model"
+            tower = TileTower(root) if tiled else MergeTower(root) if merged else PatchTower(root)
+            if tiled:
+                self._tile_tower = tower
             self._hooks.append(root.register_forward_pre_hook(
                 lambda mod, args, kwargs, t=tower: t.begin(self, args, kwargs), with_kwargs=True))
             for sub in root.modules():
@@ -281,6 +291,20 @@ class TransformersCapture:
                         "cu_seqlens" in inspect.signature(forward).parameters:
                     self._hooks.append(sub.register_forward_pre_hook(
                         lambda mod, args, kwargs, t=tower: t.on_attention_module(mod, args, kwargs), with_kwargs=True))
+
+    def _find_cross_attention(self) -> None:
+        """Mllama's cross-attention layers (their forward takes cross_attention_states) attend from the
+        text to the tiles of its vision tower; its <|image|> token is then an ordinary text token (the
+        image never replaces it), so the self-attention layers see text only."""
+        if self._tile_tower is None:
+            return
+        for m in self.model.modules():
+            forward = getattr(type(m), "forward", None)
+            if id(m) not in self.towers and forward is not None and \
+                    "cross_attention_states" in inspect.signature(forward).parameters:
+                self._cross.add(id(m))
+        if self._cross:
+            self.token_ids = {name: None for name in self.token_ids}
 
     def _wrap_media(self) -> None:
         """Watch get_image_features / get_video_features of the base model: generate() calls them before
@@ -301,6 +325,8 @@ class TransformersCapture:
     def _media_wrapper(self, fn, signature: inspect.Signature, modality: str):
         @functools.wraps(fn)  # generate() reads the signature to pick the method's inputs
         def encode(*args, **kwargs):
+            if self.modality is not None:  # called from another get_*_features (Qwen3-VL videos): theirs
+                return fn(*args, **kwargs)
             try:
                 bound = signature.bind_partial(*args, **kwargs).arguments
             except TypeError:
@@ -349,6 +375,8 @@ class TransformersCapture:
             except Exception:
                 seen = None
         self._pending_ids = None
+        if self._tile_tower is not None and (cache is None or seen == 0):  # the images are encoded anew (or none)
+            self._tile_tower.cross_keys = None
         fresh = cache is None or seen == 0 or self._seq is None
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
             self._seq = None
@@ -371,8 +399,8 @@ class TransformersCapture:
         kind = getattr(self.model.config, "model_type", "?")
         for modality in MEDIA:
             token = self.token_ids.get(modality)
-            if token is None or not bool((ids == token).any()):
-                continue
+            if token is None or modality == "audio" or not bool((ids == token).any()):
+                continue  # audio: one grid-less segment per run of its tokens, no rule needed
             calls = [(inputs, rows) for m, inputs, rows in self._media if m == modality]
             found = []
             for inputs, rows in calls:
@@ -435,6 +463,8 @@ class TransformersCapture:
             layout, qperm = tower_layout
             kperm = qperm
             defaults = TOWER_DEFAULT
+        elif id(module) in self._cross:
+            layout, defaults = self._cross_layout(nq, nk), ("text->image",)
         else:
             found = self._lm_layout(nq, nk)
             if found is None:
@@ -476,6 +506,16 @@ class TransformersCapture:
         cfg = getattr(module, "config", None)
         impl = self._impl.get(id(cfg), self._impl.get(id(self.model.config)))
         return original_forward(module, impl, query, key, value, mask, scaling, dropout, kwargs)
+
+    def _cross_layout(self, nq: int, nk: int) -> CallLayout:
+        """Text queries over the tiles of every image (TileTower.cross_keys), or one grid-less "image"
+        key segment when the tower did not run for these keys (cross_attention_states passed in)."""
+        keys = self._tile_tower.cross_keys if self._tile_tower is not None else None
+        if keys is None or keys[-1].stop != nk:
+            self._warn("cross", "attncap: the cross-attention keys do not match the vision tower's tiles "
+                                "(cross_attention_states passed in?); they are captured as one image segment without a grid")
+            keys = (Segment("image", 0, nk),)
+        return CallLayout((Segment("text", 0, nq),), keys)
 
     def _lm_layout(self, nq: int, nk: int):
         if (nq, nk) in self._cache:

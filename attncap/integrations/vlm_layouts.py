@@ -3,10 +3,13 @@ a call are, and on which patch grid (used by attncap.integrations.transformers).
 
 TokenSequence   the language model's sequence: the media items of attncap.integrations.vlm_media placed
                 at the media token ids of input_ids (one segment per named piece: grid, thumbnail,
-                newline, break), text everywhere else, grown by one token per generated step.
+                newline, break; one "audio" segment per run of audio tokens), text everywhere else,
+                grown by one token per generated step.
 MergeTower      Qwen2-VL / Qwen2.5-VL vision towers: one attention call per frame, rows in the
                 spatial-merge block order, reordered to row-major on the (h, w) patch grid.
 PatchTower      CLIP / SigLIP towers (LLaVA-style): [cls] + the (H/patch, W/patch) grid.
+TileTower       Mllama's tiled tower, and the tile layout of its cross-attention keys.
+AudioTower      audio encoders (Qwen-Omni): each call is one "audio" segment.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from .vlm_media import MediaItem, patch_side
 if TYPE_CHECKING:  # the towers call back into the capture that owns them
     from .transformers import TransformersCapture
 
-MEDIA = ("image", "video")
+MEDIA = ("image", "video", "audio")  # audio tokens (Qwen-Omni thinkers) are a time sequence: no grid
 
 
 class TokenSequence:
@@ -290,4 +293,85 @@ class PatchTower:
                 segs = (Segment("cls", 0, 1), Segment("image", 1, n, grids[0]))
         else:  # a layout this tower does not explain: no grid rather than a wrong one
             segs = (Segment("image", 0, n),)
+        return CallLayout(segs, segs), None
+
+
+class AudioTower:
+    """An audio encoder (Qwen-Omni's audio_tower attends within windows of its mel frames): every call
+    is one "audio" segment, a time sequence with no grid."""
+
+    def __init__(self, root: torch.nn.Module):
+        self.root = root
+
+    def begin(self, owner: "TransformersCapture", args, kwargs) -> None:
+        pass
+
+    def on_attention_module(self, module, args, kwargs) -> None:
+        pass
+
+    def layout(self, module, q, k):
+        if k.shape[2] != q.shape[2]:
+            return None
+        seg = (Segment("audio", 0, q.shape[2]),)
+        return CallLayout(seg, seg), None
+
+
+class TileTower:
+    """Mllama's vision tower on pixel_values [B, I, T, C, H, W] (I images of T tiles, aspect_ratio_mask
+    [B, I, T] marks the real ones): every call holds the T tiles of one image, each [cls, (g, g) patches,
+    padding up to a multiple of 8], g = image_size / patch_size. The language model's cross-attention
+    layers read the same tiles without the padding: ``cross_keys`` is their layout (I * T * (1 + g * g)
+    keys per batch element), kept until the next image is encoded (generate() caches those keys)."""
+
+    def __init__(self, root: torch.nn.Module):
+        self.root = root
+        self.tiles: list[str] | None = None  # one tag per tile of an image
+        self.images = 0
+        self.cross_keys: tuple[Segment, ...] | None = None
+        cfg = getattr(root, "config", None)
+        patch, side = patch_side(getattr(cfg, "patch_size", None)), patch_side(getattr(cfg, "image_size", None))
+        self.g = side // patch if patch and side and side % patch == 0 else None
+
+    def begin(self, owner: "TransformersCapture", args, kwargs) -> None:
+        pv = kwargs.get("pixel_values", args[0] if args else None)
+        mask = kwargs.get("aspect_ratio_mask", args[2] if len(args) > 2 else None)
+        self.tiles = self.cross_keys = None
+        if self.g is None or not isinstance(pv, torch.Tensor) or pv.dim() != 6 or pv.shape[-1] != pv.shape[-2]:
+            return
+        n_tiles = pv.shape[2]
+        real = mask.reshape(-1, n_tiles).bool() if isinstance(mask, torch.Tensor) else torch.ones(1, n_tiles, dtype=torch.bool)
+        counts = real.sum(1)
+        # A tag says "tile j of n" where every image of the call agrees on which tiles are real.
+        same = bool((real == real[0]).all())
+        n = int(counts[0])
+        self.tiles = [(f"tile {j} of {n}" if bool(real[0, j]) else "padding tile") if same else None
+                      for j in range(n_tiles)]
+        self.images = pv.shape[1]
+        self.cross_keys = self._segments(pad=0, images=self.images)
+
+    def _segments(self, pad: int, images: int) -> tuple[Segment, ...]:
+        segs, pos, hw = [], 0, self.g * self.g
+        for _ in range(images):
+            for tag in self.tiles:
+                segs.append(Segment("cls", pos, pos + 1, None, tag))
+                segs.append(Segment("image", pos + 1, pos + 1 + hw, (self.g, self.g), tag))
+                pos += 1 + hw
+                if pad:
+                    segs.append(Segment("padding", pos, pos + pad, None, tag))
+                    pos += pad
+        return tuple(segs)
+
+    def on_attention_module(self, module, args, kwargs) -> None:
+        pass
+
+    def layout(self, module, q, k):
+        n = q.shape[2]
+        if self.tiles is None or k.shape[2] != n:
+            return None
+        per = 1 + self.g * self.g
+        per_padded = per + (8 - per % 8) % 8  # the tower pads each tile to a multiple of 8 tokens
+        if n != len(self.tiles) * per_padded:
+            segs = (Segment("image", 0, n),)  # a layout this tower does not explain: no grid
+        else:
+            segs = self._segments(pad=per_padded - per, images=1)
         return CallLayout(segs, segs), None

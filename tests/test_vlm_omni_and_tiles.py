@@ -1,0 +1,189 @@
+"""attncap.capture on the Qwen-Omni thinkers, Qwen3-VL-MoE and Mllama (tests/tiny_vlms.py), against eager.
+
+Per model: every language-model layer's map equals eager ``output_attentions`` (all relations, every
+head), logits unchanged, image / video / audio segments on the grids their processors lay out
+(written here from the processors' conventions, not from attncap's rules); one image patch planted in
+the pixels moves exactly its own grid cell; generate() gives the same ids and keeps the grids at
+every step. Mllama's cross-attention keys are its tower's tiles: [cls, (g, g) patches] per tile.
+"""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import attncap  # noqa: E402
+from test_capture_vlm_families import _local_tower, eager  # noqa: E402
+from tiny_vlms import AUDIO, IMAGE, PAD, VIDEO, mllama, mllama_inputs, qwen2_5_omni, qwen3_omni, qwen3_vl_moe, \
+    qwen_media  # noqa: E402
+
+LM = re.compile(r"language_model\.layers\.(\d+)\.(self_attn|cross_attn)$")
+THW = {"qwen2_5_omni": qwen2_5_omni, "qwen3_omni": qwen3_omni, "qwen3_vl_moe": qwen3_vl_moe}
+
+
+def lm_layers(model) -> list[str]:
+    return sorted((n for n, _ in model.named_modules() if LM.search(n)), key=lambda n: int(LM.search(n).group(1)))
+
+
+def records_map(store, layer: str, step: int = 0) -> tuple[torch.Tensor, list]:
+    """[B, H, Nq, Nk] from one call's records (NaN where none), and its key segments (start, stop, name, grid, tag)."""
+    recs = store.get(layer=layer, step=step)
+    nq = max(r.meta["query_segment"][1] for r in recs)
+    keys = sorted({tuple(r.meta["key_segment"]) + (r.relation.split("->")[1], r.key_grid, r.meta.get("key_tag"))
+                   for r in recs})
+    full = torch.full(recs[0].data.shape[:2] + (nq, keys[-1][1]), float("nan"), dtype=torch.float64)
+    for r in recs:
+        (q0, q1), (k0, k1) = r.meta["query_segment"], r.meta["key_segment"]
+        full[:, :, q0:q1, k0:k1] = r.data.double()
+    return full, keys
+
+
+def thw_expected(ids: torch.Tensor) -> list[tuple[str, list[int], tuple | None]]:
+    """Image 8x12 patches merged 2x2 -> (4, 6); video 2 temporal patches of 4x6 -> (2, 2, 3); audio: time."""
+    row = ids[0]
+    out = [("image", (row == IMAGE).nonzero().flatten().tolist(), (4, 6)),
+           ("video", (row == VIDEO).nonzero().flatten().tolist(), (2, 2, 3)),
+           ("audio", (row == AUDIO).nonzero().flatten().tolist(), None)]
+    return [seg for seg in out if seg[1]]
+
+
+def check_lm_against_eager(model, inputs, expected, layers=None) -> None:
+    """Maps equal eager per LM layer (text first, then the expected segments in order), logits unchanged."""
+    ref = eager(model, inputs)
+    layers = layers or lm_layers(model)
+    with torch.no_grad():
+        plain = model(**inputs).logits
+        with attncap.capture(model, relations="all", heads="all", layers=layers) as store:
+            captured = model(**inputs).logits
+    torch.testing.assert_close(captured, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(captured, ref.logits, atol=1e-4, rtol=1e-4)
+    media = [p for _, ps, _ in expected for p in ps]
+    text = [p for p in range(inputs["input_ids"].shape[1]) if p not in set(media)]
+    order = torch.tensor(text + media)
+    for layer in layers:
+        full, keys = records_map(store, layer)
+        assert [(k[2], k[1] - k[0], k[3]) for k in keys[1:]] == [(n, len(p), g) for n, p, g in expected], layer
+        want = ref.attentions[int(LM.search(layer).group(1))].double()[:, :, order][:, :, :, order]
+        # fp32 softmax of the same scores: a few ulp of probabilities <= 1
+        torch.testing.assert_close(full, want, atol=2e-6, rtol=1e-5)
+
+
+def planted_cell(model, inputs, planted, layer, relation, skip_tag: str | None = None) -> tuple[int, int]:
+    """(segment, flat grid cell) whose text->media column moved most between inputs and planted; asserts
+    every other column only rescaled (a changed key changes its own column, the rest share a factor).
+    Segments tagged skip_tag (masked padding tiles, probability 0) are left out."""
+    rows = []
+    for inp in (inputs, planted):
+        with torch.no_grad(), attncap.capture(model, relations=relation, heads="all", layers=[layer]) as st:
+            model(**inp)
+        recs = sorted((r for r in st.get(layer=layer) if r.meta.get("key_tag") != skip_tag or skip_tag is None),
+                      key=lambda r: r.meta["key_segment"][0])
+        rows.append([r.data[0, :, -1].double() for r in recs])  # the last text token, every head
+    shift = [(a / b).log() for a, b in zip(rows[1], rows[0])]
+    median = torch.cat(shift, -1).median(-1, keepdim=True).values
+    dev = [(s - median).abs().amax(0) for s in shift]
+    best = max(range(len(dev)), key=lambda i: float(dev[i].max()))
+    flat = int(dev[best].argmax())
+    others = torch.cat([d for i, d in enumerate(dev) if i != best] + [dev[best][torch.arange(dev[best].numel()) != flat]])
+    assert float(others.max()) < 1e-4 < float(dev[best][flat])
+    return best, flat
+
+
+def check_generate(model, inputs, layer, want: list[tuple[str, tuple | None]]) -> None:
+    kw = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=PAD)  # no early eos
+    with torch.no_grad():
+        plain = model.generate(**inputs, **kw)
+        with attncap.capture(model, relations="all", heads="mean", layers=[layer]) as store:
+            captured = model.generate(**inputs, **kw)
+    assert torch.equal(plain, captured)
+    for step in range(3):
+        recs = sorted([r for r in store.get(layer=layer, step=step) if r.relation.startswith("text->")
+                       and r.relation != "text->text"], key=lambda r: r.meta["key_segment"][0])
+        assert [(r.relation.split("->")[1], r.key_grid) for r in recs] == want, step
+        assert step == 0 or recs[0].data.shape[2] == 1  # decode queries: the new token
+
+
+# ----------------------------------------------------------------------------------- Qwen thw families
+@pytest.fixture(scope="module", params=sorted(THW))
+def thw(request):
+    model = THW[request.param]()
+    audio = request.param != "qwen3_vl_moe"
+    return request.param, model, qwen_media(model, mel_frames=40 if audio else None)
+
+
+def test_thw_lm_maps_equal_eager_with_image_video_audio_segments(thw):
+    name, model, inputs = thw
+    check_lm_against_eager(model, inputs, thw_expected(inputs["input_ids"]))
+
+
+def _merge_row(r: int, c: int, w: int, m: int = 2) -> int:
+    """Row of patch (r, c) of an (h, w) frame in a Qwen processor's pixel rows (merge blocks of m x m)."""
+    return ((r // m) * (w // m) + c // m) * m * m + (r % m) * m + c % m
+
+
+def test_thw_planted_patch_moves_its_image_and_video_cell(thw):
+    name, model, inputs = thw
+    _local_tower(model)
+    layer = lm_layers(model)[0]
+    img = dict(inputs, pixel_values=inputs["pixel_values"].clone())
+    img["pixel_values"][_merge_row(5, 9, 12)] += 30  # patch (5, 9) of 8x12 -> token (2, 4) of (4, 6)
+    assert planted_cell(model, inputs, img, layer, "text->image") == (0, 2 * 6 + 4)
+    vid = dict(inputs, pixel_values_videos=inputs["pixel_values_videos"].clone())
+    vid["pixel_values_videos"][24 + _merge_row(3, 1, 6)] += 30  # frame 1, patch (3, 1) -> (1, 1, 0) of (2, 2, 3)
+    assert planted_cell(model, inputs, vid, layer, "text->video") == (0, 1 * 6 + 1 * 3 + 0)
+
+
+def test_thw_generate_same_ids_and_grids_kept(thw):
+    name, model, inputs = thw
+    model = THW[name]()  # the planted test zeroed this fixture's tower
+    want = [(n, g) for n, _, g in thw_expected(inputs["input_ids"])]
+    check_generate(model, inputs, lm_layers(model)[0], want)
+
+
+# ----------------------------------------------------------------------------------- Mllama
+CROSS = "model.language_model.layers.1.cross_attn"
+# 4 tiles of [cls, 4x4 patches]: two real (aspect ratio 1x2), two padding tiles
+TILES = [(name, n, grid, tag) for tag in ("tile 0 of 2", "tile 1 of 2", "padding tile", "padding tile")
+         for name, n, grid in (("cls", 1, None), ("image", 16, (4, 4)))]
+
+
+def test_mllama_cross_attention_keys_are_tiles_on_their_grids():
+    model = mllama()
+    inputs = mllama_inputs(model)
+    ref = eager(model, inputs)
+    with torch.no_grad():
+        plain = model(**inputs).logits
+        with attncap.capture(model, relations="all", heads="all", layers=lm_layers(model)) as store:
+            captured = model(**inputs).logits
+    torch.testing.assert_close(captured, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(captured, ref.logits, atol=1e-4, rtol=1e-4)
+    self_map, self_keys = records_map(store, "model.language_model.layers.0.self_attn")
+    assert [k[2] for k in self_keys] == ["text"]  # <|image|> is a text token: the image never replaces it
+    torch.testing.assert_close(self_map, ref.attentions[0].double(), atol=2e-6, rtol=1e-5)
+    cross_map, keys = records_map(store, CROSS)
+    assert [(k[2], k[1] - k[0], k[3], k[4]) for k in keys] == TILES
+    torch.testing.assert_close(cross_map, ref.attentions[1].double(), atol=2e-6, rtol=1e-5)
+    tower_layer = "model.vision_model.transformer.layers.0.self_attn"
+    with torch.no_grad(), attncap.capture(model, relations="image->image", layers=[tower_layer]) as store:
+        model(**inputs)
+    tower = sorted((r for r in store.records if r.meta["query_segment"][0] == 1), key=lambda r: r.meta["key_segment"][0])
+    assert [r.key_grid for r in tower] == [(4, 4)] * 4  # in the tower each tile is padded to 24 tokens
+    assert {r.meta["key_segment"][0] for r in tower} == {1, 25, 49, 73}
+
+
+def test_mllama_planted_patch_moves_its_tile_cell():
+    model = mllama()
+    inputs = mllama_inputs(model)
+    _local_tower(model)
+    planted = dict(inputs, pixel_values=inputs["pixel_values"].clone())
+    planted["pixel_values"][0, 0, 1, :, 8:12, 12:16] += 30  # tile 1, patch (2, 3)
+    assert planted_cell(model, inputs, planted, CROSS, "text->image", skip_tag="padding tile") == (1, 2 * 4 + 3)
+
+
+def test_mllama_generate_same_ids_and_tiles_kept():
+    model = mllama()
+    inputs = mllama_inputs(model)
+    check_generate(model, inputs, CROSS, [(n, g) for n, _, g, _ in TILES])
