@@ -329,3 +329,25 @@ def mllama_inputs(model, seed: int = 0) -> dict:
     cross[:, 1:, :, :2] = 1
     return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pv, aspect_ratio_mask=tiles,
                 aspect_ratio_ids=torch.tensor([[2]]), cross_attention_mask=cross)
+
+
+# ----------------------------------------------------------------------------------- LLaVA videos
+def llava_next_video(seed: int = 0):
+    """LLaVA-NeXT-Video: CLIP tower (16x16 pixels, patch 4: 4x4 patches), frames average-pooled by 2 -> 2x2."""
+    from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = LlavaNextVideoConfig(text_config=dict(TEXT, model_type="llama"), vision_config=CLIP, image_token_id=IMAGE,
+                               video_token_id=VIDEO, image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]],
+                               vision_feature_layer=-1, spatial_pool_stride=2)
+    return _eval(LlavaNextVideoForConditionalGeneration(cfg))
+
+
+def video_inputs(model, frames: int = 3, side: int = 16, seed: int = 0) -> dict:
+    """One video of ``frames`` frames of side x side pixels: its tokens (from the model itself) between text."""
+    g = torch.Generator().manual_seed(seed)
+    pv = torch.randn(1, frames, 3, side, side, generator=g)
+    with torch.no_grad():
+        n = model.base_model.get_video_features(pixel_values_videos=pv).pooler_output.shape[1]
+    ids = torch.tensor([[5, 6] + [VIDEO] * n + [8, 9, 10]])
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values_videos=pv)

@@ -255,11 +255,13 @@ class PatchTower:
         self.grids: list[tuple[int, int]] | None = None
         self.packed = getattr(getattr(root, "config", None), "model_type", None) == "pixtral"
         self.cls_last = getattr(getattr(root, "config", None), "model_type", None) == "llama4_vision_model"
+        self.name = "image"
 
     def begin(self, owner: "TransformersCapture", args, kwargs) -> None:
         pv = kwargs.get("pixel_values", args[0] if args else None)
         patch = patch_side(getattr(getattr(self.root, "config", None), "patch_size", None))
         self.grids = None
+        self.name = "video" if owner.modality == "video" else "image"  # a video's frames are encoded here too
         if not isinstance(pv, torch.Tensor) or pv.dim() not in (4, 5) or not isinstance(patch, int):
             return
         sizes = kwargs.get("image_sizes", args[1] if len(args) > 1 else None)
@@ -280,19 +282,19 @@ class PatchTower:
         if self.packed and sum(h * w for h, w in grids) == n:
             segs, pos = [], 0
             for h, w in grids:
-                segs.append(Segment("image", pos, pos + h * w, (h, w)))
+                segs.append(Segment(self.name, pos, pos + h * w, (h, w)))
                 pos += h * w
             segs = tuple(segs)
         elif len(grids) == 1 and n - grids[0][0] * grids[0][1] in (0, 1):
             hw = grids[0][0] * grids[0][1]
             if n == hw:
-                segs = (Segment("image", 0, n, grids[0]),)
+                segs = (Segment(self.name, 0, n, grids[0]),)
             elif self.cls_last:
-                segs = (Segment("image", 0, hw, grids[0]), Segment("cls", hw, n))
+                segs = (Segment(self.name, 0, hw, grids[0]), Segment("cls", hw, n))
             else:
-                segs = (Segment("cls", 0, 1), Segment("image", 1, n, grids[0]))
+                segs = (Segment("cls", 0, 1), Segment(self.name, 1, n, grids[0]))
         else:  # a layout this tower does not explain: no grid rather than a wrong one
-            segs = (Segment("image", 0, n),)
+            segs = (Segment(self.name, 0, n),)
         return CallLayout(segs, segs), None
 
 

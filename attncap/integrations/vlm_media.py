@@ -188,6 +188,35 @@ def anyres_rule(model, cfg, inp: dict, modality: str) -> list[MediaItem] | None:
     return items
 
 
+def llava_video_rule(cfg, inp: dict) -> list[MediaItem] | None:
+    """LLaVA-NeXT-Video / LLaVA-OneVision videos: pixel_values_videos [B, F, C, H, W], one video per
+    batch element; every frame's (g, g) patches pooled per frame, frames one after another: NeXT-Video
+    pools with kernel = stride = spatial_pool_stride (floor), OneVision interpolates to ceil(g / 2) and
+    ends the video with one image_newline token."""
+    pv = inp.get("pixel_values_videos")
+    p = _patch(cfg)
+    vc = _vc(cfg)
+    if not isinstance(pv, torch.Tensor) or pv.dim() != 5 or p is None or pv.shape[-1] != pv.shape[-2]:
+        return None
+    if (_strategy(cfg, inp) == "full") == (getattr(vc, "model_type", "") == "clip_vision_model"):
+        return None  # a frame would not be its g x g patches (class token kept, or a patch dropped)
+    g, frames = pv.shape[-1] // p, pv.shape[1]
+    if getattr(cfg, "model_type", None) == "llava_onevision":
+        side = math.ceil(g / 2)
+        n = frames * side * side
+        piece = torch.cat([torch.zeros(n, dtype=torch.long), torch.ones(1, dtype=torch.long)])
+        item = MediaItem("video", (Piece("video", (frames, side, side)), Piece("image_newline")), (piece,))
+        return [item] * pv.shape[0]
+    stride = getattr(cfg, "spatial_pool_stride", None)
+    if not isinstance(stride, int) or stride < 1:
+        return None
+    return [grid_item("video", (frames, g // stride, g // stride)) for _ in range(pv.shape[0])]
+
+
+def _llava_next(model, cfg, inp: dict, modality: str) -> list[MediaItem] | None:
+    return anyres_rule(model, cfg, inp, modality) if modality == "image" else llava_video_rule(cfg, inp)
+
+
 def pixtral_rule(cfg, inp: dict, modality: str) -> list[MediaItem] | None:
     """Mistral 3 / Pixtral: image_sizes [N, 2] in pixels, grid (H, W) / (patch * spatial_merge_size);
     each row of w [IMG] tokens ends with [IMG_BREAK], the last with [IMG_END] (ids of their own)."""
@@ -219,7 +248,7 @@ RULES: dict[str, Callable] = {
     **{t: (lambda m, c, i, mod: patch_rule(c, i, mod)) for t in ("llava", "vipllava", "gemma3", "paligemma")},
     **{t: (lambda m, c, i, mod: patch_rule(c, i, mod, tiles=True)) for t in (
         "aya_vision", "internvl", "llama4", "idefics3", "smolvlm")},
-    **{t: anyres_rule for t in ("llava_next", "llava_onevision", "llava_next_video")},
+    **{t: _llava_next for t in ("llava_next", "llava_onevision", "llava_next_video")},
     "mistral3": lambda m, c, i, mod: pixtral_rule(c, i, mod),
 }
 

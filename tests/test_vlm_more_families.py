@@ -1,4 +1,5 @@
-"""attncap.capture on the Qwen-Omni thinkers, Qwen3-VL-MoE and Mllama (tests/tiny_vlms.py), against eager.
+"""attncap.capture on the Qwen-Omni thinkers, Qwen3-VL-MoE, Mllama and the LLaVA video models
+(tests/tiny_vlms.py), against eager.
 
 Per model: every language-model layer's map equals eager ``output_attentions`` (all relations, every
 head), logits unchanged, image / video / audio segments on the grids their processors lay out
@@ -17,8 +18,8 @@ pytest.importorskip("transformers")
 
 import attncap  # noqa: E402
 from test_capture_vlm_families import _local_tower, eager  # noqa: E402
-from tiny_vlms import AUDIO, IMAGE, PAD, VIDEO, mllama, mllama_inputs, qwen2_5_omni, qwen3_omni, qwen3_vl_moe, \
-    qwen_media  # noqa: E402
+from tiny_vlms import AUDIO, IMAGE, PAD, VIDEO, llava_next_video, llava_onevision, mllama, mllama_inputs, \
+    qwen2_5_omni, qwen3_omni, qwen3_vl_moe, qwen_media, video_inputs  # noqa: E402
 
 LM = re.compile(r"language_model\.layers\.(\d+)\.(self_attn|cross_attn)$")
 THW = {"qwen2_5_omni": qwen2_5_omni, "qwen3_omni": qwen3_omni, "qwen3_vl_moe": qwen3_vl_moe}
@@ -187,3 +188,33 @@ def test_mllama_generate_same_ids_and_tiles_kept():
     model = mllama()
     inputs = mllama_inputs(model)
     check_generate(model, inputs, CROSS, [(n, g) for n, _, g, _ in TILES])
+
+
+# ----------------------------------------------------------------------------------- LLaVA videos
+# 3 frames of 4x4 patches: NeXT-Video average-pools by 2, OneVision interpolates to ceil(4 / 2) and
+# ends the video with image_newline.
+VIDEOS = {"llava_next_video": (llava_next_video, False), "llava_onevision": (llava_onevision, True)}
+
+
+def video_expected(ids: torch.Tensor, newline: bool) -> list[tuple[str, list[int], tuple | None]]:
+    pos = (ids[0] == VIDEO).nonzero().flatten().tolist()
+    if newline:
+        return [("video", pos[:-1], (3, 2, 2)), ("image_newline", pos[-1:], None)]
+    return [("video", pos, (3, 2, 2))]
+
+
+@pytest.mark.parametrize("name", sorted(VIDEOS))
+def test_llava_video_frames_on_their_grid(name):
+    build, newline = VIDEOS[name]
+    model = build()
+    inputs = video_inputs(model)
+    expected = video_expected(inputs["input_ids"], newline)
+    check_lm_against_eager(model, inputs, expected)
+    check_generate(model, inputs, lm_layers(model)[0], [(n, g) for n, _, g in expected])
+    with torch.no_grad(), attncap.capture(model, layers="*vision_tower*layers.0.self_attn") as store:
+        model(**inputs)
+    assert {(r.relation, r.key_grid, r.data.shape[0]) for r in store.records} == {("video->video", (4, 4), 3)}
+    _local_tower(model)
+    planted = dict(inputs, pixel_values_videos=inputs["pixel_values_videos"].clone())
+    planted["pixel_values_videos"][0, 1, :, 8:12, 12:16] += 30  # frame 1, patch (2, 3) -> cell (1, 1, 1)
+    assert planted_cell(model, inputs, planted, lm_layers(model)[0], "text->video") == (0, 1 * 4 + 1 * 2 + 1)
