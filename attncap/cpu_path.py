@@ -29,8 +29,8 @@ D, Dv; a tile is [bb, hb * G, c, Ncol] with Ncol = Nk score columns in the layou
 """
 from __future__ import annotations
 
+import bisect
 import functools
-import math
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -39,13 +39,16 @@ import torch
 from .layouts import AxisPlan
 
 WORKSPACE_BYTES = 64 * 2**20   # default bound on a call's working memory beyond its inputs and products
-TILE_BYTES = 16 * 2**20        # one fp32 score tile: sized for the cache (measured, benchmarks/RESULTS.md)
+TILE_BYTES = 4 * 2**20         # one fp32 score tile: the fastest of 0.25-16 MiB at every benchmark shape (measured,
+                               # 1 thread; larger tiles fault their pages in again each call, smaller pay per-tile host cost)
 MIN_ROWS = 256                 # query rows a tile keeps before it splits heads or batches instead
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 NEG = -1e30  # a masked score: exp2 makes it 0 and, unlike -inf, 0 * (NEG - m) stays 0 in the entropy
 
 _HOST_CACHE: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+_PREP_CACHE: OrderedDict[tuple, tuple] = OrderedDict()  # see _prepare
+PREP_CACHE_SIZE = 64
 
 
 def _host(t: torch.Tensor) -> torch.Tensor:
@@ -129,13 +132,15 @@ def _columns(maps, Nk: int, device: torch.device) -> _Columns:
 
 
 class _MapJob:
-    """One map [B, G, Qb, Kb] accumulated tile by tile from final probabilities.
+    """One map [B, G, Qb, Kb] accumulated tile by tile from final probabilities: the plan's index
+    tables, built once per (plans, device) and cached (_prepare); the sums live in the caller's
+    ``total`` (zeros()), so concurrent calls can share a job.
 
     ``rows`` (host, ascending) are the query tokens of the pass, in the order tiles take them.
     """
 
     def __init__(self, qplan: AxisPlan, kplan: AxisPlan, heads_table: torch.Tensor, cols: _Columns,
-                 rows: torch.Tensor, B: int, device: torch.device):
+                 rows: torch.Tensor, device: torch.device):
         table = _host(heads_table).long()
         self.G, self.hpg = table.shape
         self.heads = table
@@ -148,36 +153,40 @@ class _MapJob:
         self.key_slice = slice(int(colidx[0]), int(colidx[0]) + colidx.numel())
         self.key_cols = colidx.to(device)
         self.key_bins = _host(kplan.bin_of_slot).long().to(device)
-        self.kb = kplan.nbins
+        self.qb, self.kb = qplan.nbins, kplan.nbins
         # Query side: (position in rows, bin) pairs sorted by position; a tile takes a run of them.
         qperm = _host(qplan.perm).long()
         pos = torch.searchsorted(rows, qperm)
         order = torch.argsort(pos, stable=True)
-        self.pair_pos, pair_bin = pos[order], _host(qplan.bin_of_slot).long()[order]
+        pair_pos, pair_bin = pos[order], _host(qplan.bin_of_slot).long()[order]
+        self.pair_pos = pair_pos.tolist()  # bisected on the host by every tile: a list, not a tensor
         n = order.numel()
-        self.rows_contiguous = bool((self.pair_pos == torch.arange(int(self.pair_pos[0]), int(self.pair_pos[0]) + n)).all())
+        self.rows_contiguous = bool((pair_pos == torch.arange(int(pair_pos[0]), int(pair_pos[0]) + n)).all())
         self.bins_contiguous = self.rows_contiguous and bool((pair_bin == torch.arange(n)).all())
         self.one_bin = qplan.nbins == 1
-        self.pair_pos_dev, self.pair_bin_dev = self.pair_pos.to(device), pair_bin.to(device)
-        self.total = torch.zeros((B, self.G, qplan.nbins, kplan.nbins), dtype=torch.float32, device=device)
+        self.pair_pos_dev, self.pair_bin_dev = pair_pos.to(device), pair_bin.to(device)
         self.scale = None
         if qplan.pooled or kplan.pooled:
             qc, kc = qplan.counts.to(device).float(), kplan.counts.to(device).float()
             self.scale = (qc[:, None] * kc[None, :]).reciprocal_()
 
-    def add(self, p: torch.Tensor, b0: int, b1: int, h0: int, h1: int, s: int, e: int, cols: _Columns) -> None:
+    def zeros(self, B: int, device: torch.device) -> torch.Tensor:
+        return torch.zeros((B, self.G, self.qb, self.kb), dtype=torch.float32, device=device)
+
+    def add(self, total: torch.Tensor, p: torch.Tensor, b0: int, b1: int, h0: int, h1: int, s: int, e: int,
+            cols: _Columns) -> None:
         """p [bb, h1 - h0, e - s, Ncol]: probabilities of batches b0:b1, query heads h0:h1 and rows[s:e]."""
-        i0, i1 = torch.searchsorted(self.pair_pos, torch.tensor([s, e])).tolist()
+        i0, i1 = bisect.bisect_left(self.pair_pos, s), bisect.bisect_left(self.pair_pos, e)
         if i0 == i1:
             return
         for groups, x in self._heads(p, h0, h1):
             if self.rows_contiguous:
-                a = int(self.pair_pos[i0]) - s
+                a = self.pair_pos[i0] - s
                 x = x[:, :, a:a + i1 - i0]
             else:
                 x = x.index_select(2, self.pair_pos_dev[i0:i1] - s)
             x = self._keys(x, cols)
-            dest = self.total[b0:b1, groups]
+            dest = total[b0:b1, groups]
             alpha = 1.0 / self.hpg
             if self.one_bin:
                 dest[:, :, 0].add_(x.sum(2), alpha=alpha)
@@ -218,8 +227,26 @@ class _MapJob:
             return x
         return x.new_zeros(x.shape[:-1] + (self.kb,)).index_add_(-1, self.key_bins, x)
 
-    def result(self) -> torch.Tensor:
-        return self.total if self.scale is None else self.total.mul_(self.scale)
+    def result(self, total: torch.Tensor) -> torch.Tensor:
+        return total if self.scale is None else total.mul_(self.scale)
+
+
+def _prepare(maps, Nk: int, rows_key, rows_fn, device: torch.device) -> tuple[_Columns, list[_MapJob], torch.Tensor]:
+    """The column order and map jobs of ``maps`` (host work: sorts, searches, small copies to the
+    device), cached per (plans, Nk, rows, device): attncap.ops hands the same plan objects to every
+    call of a plan, so a call after the first only looks them up. ``rows_fn()`` gives the rows."""
+    key = (tuple(id(x) for m in maps for x in m), Nk, rows_key, device)
+    hit = _PREP_CACHE.get(key)
+    if hit is not None and all(a is b for m, n in zip(hit[0], maps) for a, b in zip(m, n)):
+        _PREP_CACHE.move_to_end(key)
+        return hit[1:]
+    cols = _columns(maps, Nk, device)
+    rows = rows_fn()
+    jobs = [_MapJob(qp, kp, table, cols, rows, device) for qp, kp, table in maps]
+    _PREP_CACHE[key] = (tuple(tuple(m) for m in maps), cols, jobs, rows)  # holding the plans keeps their ids
+    if len(_PREP_CACHE) > PREP_CACHE_SIZE:
+        _PREP_CACHE.popitem(last=False)
+    return cols, jobs, rows
 
 
 def _tiles(B: int, Hk: int, G: int, rows: int, ncol: int, kv_per_head: int, workspace: int) -> tuple[int, int, int]:
@@ -279,14 +306,28 @@ def _scores(buf: torch.Tensor, q_rows: torch.Tensor, k_cols: torch.Tensor, c2: f
     return s
 
 
-def _kv(x: torch.Tensor, b0: int, b1: int, g0: int, g1: int, cols: _Columns) -> torch.Tensor:
-    """Keys or values of a tile's batches and key heads, fp32, rows in column order: a view when
-    nothing changes, else a copy per tile (a small fraction of the tile's matmul, and no copy of
-    all heads ever lives at once)."""
-    x = x[b0:b1, g0:g1]
-    if cols.token is not None:  # 3-D index_select: several times faster than on the 4-D view
-        x = x.flatten(0, 1).index_select(1, cols.token).unflatten(0, (b1 - b0, g1 - g0))
-    return x.float()
+class _KV:
+    """Keys and values of a tile's batches and key heads, fp32, rows in column order: views when
+    nothing changes, else copies (a small fraction of a tile's matmul), kept while consecutive
+    tiles share the block (tiles of one block's rows) and dropped when the next block begins, so
+    no copy of all heads ever lives at once."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor | None, cols: _Columns):
+        self.k, self.v, self.cols = k, v, cols
+        self.key, self.last = None, None
+
+    def block(self, b0: int, b1: int, g0: int, g1: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.key != (b0, b1, g0, g1):
+            self.last = None  # free the previous block's copies before making the next ones
+            self.last = tuple(None if x is None else self._take(x, b0, b1, g0, g1) for x in (self.k, self.v))
+            self.key = (b0, b1, g0, g1)
+        return self.last
+
+    def _take(self, x: torch.Tensor, b0: int, b1: int, g0: int, g1: int) -> torch.Tensor:
+        x = x[b0:b1, g0:g1]
+        if self.cols.token is not None:  # 3-D index_select: several times faster than on the 4-D view
+            x = x.flatten(0, 1).index_select(1, self.cols.token).unflatten(0, (b1 - b0, g1 - g0))
+        return x.float()
 
 
 def _pass(B: int, Hk: int, G: int, rows: torch.Tensor, ncol: int, kv_per_head: int, workspace: int | None):
@@ -314,9 +355,8 @@ def forward(q, k, v, out, scale, mask=None, mask_kind=0, key_padding=None, is_ca
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal, scale=scale)
         out.copy_(o)
         return lse, None, None, None, []
-    cols = _columns(maps, Nk, dev)
-    rows = torch.arange(Nq)
-    jobs = [_MapJob(qp, kp, table, cols, rows, B, dev) for qp, kp, table in maps]
+    cols, jobs, rows = _prepare(maps, Nk, Nq, lambda: torch.arange(Nq), dev)
+    totals = [job.zeros(B, dev) for job in jobs]
     lse = torch.empty((B, H, Nq), dtype=torch.float32, device=dev)
     sel_cols = None if selected is None else cols.pos.to(dev)[selected.long()]
     tokens = None if selected is None else torch.empty((B, H, Nq, selected.numel()), device=dev)
@@ -329,8 +369,9 @@ def forward(q, k, v, out, scale, mask=None, mask_kind=0, key_padding=None, is_ca
     # again each time. The second holds P apart from S - m, which the entropy needs.
     buf_s = torch.empty(size, device=dev)
     buf_p = torch.empty(size, device=dev) if want_stats else None
+    kv = _KV(k, v, cols)
     for b0, b1, g0, g1, s, e in tiles:
-        k_cols, v_cols = _kv(k, b0, b1, g0, g1, cols), _kv(v, b0, b1, g0, g1, cols)
+        k_cols, v_cols = kv.block(b0, b1, g0, g1)
         h0, h1 = g0 * G, g1 * G
         row_tok = torch.arange(s, e, device=dev) if is_causal else None
         t = _scores(buf_s, q[b0:b1, h0:h1, s:e], k_cols, c2, slice(s, e), row_tok, cols, b0, b1, h0, h1,
@@ -354,16 +395,16 @@ def forward(q, k, v, out, scale, mask=None, mask_kind=0, key_padding=None, is_ca
         lse[b0:b1, h0:h1, s:e] = row_lse[..., 0]
         if tokens is not None:
             tokens[b0:b1, h0:h1, s:e] = p.index_select(-1, sel_cols)
-        for job in jobs:
-            job.add(p, b0, b1, h0, h1, s, e, cols)
+        for job, total in zip(jobs, totals):
+            job.add(total, p, b0, b1, h0, h1, s, e, cols)
         if want_stats:
             # entropy = ln 2 (log2 l - sum_j P_j (S_j - m)), both terms >= 0 (no cancellation);
             # last, so the product P (S - m) can overwrite S - m
             h = (log_l[..., 0] - t.mul_(p).sum(-1)).mul_(LN2)
             ent[b0:b1, h0:h1, s:e] = h.masked_fill_(dead[..., 0], 0.0) if masked else h
             peak[b0:b1, h0:h1, s:e] = inv[..., 0]
-        del t, p, k_cols, v_cols  # before the next tile makes its own copies
-    return lse, tokens, ent, peak, [job.result() for job in jobs]
+        del t, p, k_cols, v_cols
+    return lse, tokens, ent, peak, [job.result(total) for job, total in zip(jobs, totals)]
 
 
 @_device_errors
@@ -374,9 +415,9 @@ def maps_from_lse(q, k, lse, scale, maps, mask=None, mask_kind=0, key_padding=No
     B, H, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
     G, dev = H // Hk, q.device
-    cols = _columns(maps, Nk, dev)
-    rows = torch.unique(torch.cat([_host(qp.perm).long() for qp, _, _ in maps]))
-    jobs = [_MapJob(qp, kp, table, cols, rows, B, dev) for qp, kp, table in maps]
+    cols, jobs, rows = _prepare(maps, Nk, "union", lambda: torch.unique(torch.cat([_host(qp.perm).long() for qp, _, _ in maps])),
+                                dev)
+    totals = [job.zeros(B, dev) for job in jobs]
     contiguous = int(rows[-1]) - int(rows[0]) + 1 == rows.numel()
     rows_dev = rows.to(dev)
     # A fully masked row has LSE = -inf and every score NEG or -inf: +inf turns its P to exp2(-inf) = 0.
@@ -385,8 +426,9 @@ def maps_from_lse(q, k, lse, scale, maps, mask=None, mask_kind=0, key_padding=No
     copies = cols.token is not None or k.dtype != torch.float32
     size, tiles = _pass(B, Hk, G, rows, Nk, Nk * D * 4 if copies else 0, workspace_bytes)
     buf = torch.empty(size, device=dev)
+    kv = _KV(k, None, cols)
     for b0, b1, g0, g1, s, e in tiles:
-        k_cols = _kv(k, b0, b1, g0, g1, cols)
+        k_cols = kv.block(b0, b1, g0, g1)[0]
         h0, h1 = g0 * G, g1 * G
         if contiguous:
             r = slice(int(rows[s]), int(rows[s]) + e - s)
@@ -398,10 +440,10 @@ def maps_from_lse(q, k, lse, scale, maps, mask=None, mask_kind=0, key_padding=No
         t = _scores(buf, q_rows, k_cols, c2, r, row_tok, cols, b0, b1, h0, h1, mask, mask_kind, key_padding,
                     is_causal, softcap)
         p = t.sub_(l_rows[..., None]).exp2_()
-        for job in jobs:
-            job.add(p, b0, b1, h0, h1, s, e, cols)
+        for job, total in zip(jobs, totals):
+            job.add(total, p, b0, b1, h0, h1, s, e, cols)
         del t, p, k_cols
-    return [job.result() for job in jobs]
+    return [job.result(total) for job, total in zip(jobs, totals)]
 
 
 def sdpa_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
