@@ -1,20 +1,26 @@
-"""Capture of torch.compile'd models: after a capture block, the model's code compiles afresh.
+"""Capture of torch.compile'd models: what a capture block leaves in Dynamo's caches.
 
-Inside a capture block a captured layer's processor call runs outside the compiled graph (the
-integrations mark it with torch.compiler.disable: its Python routing and the filing into the store
-cannot be traced), so Dynamo compiles the model's frames again, split at those calls. Dynamo keeps
-the entries it compiled then, and an entry whose graph ends before the first attention guards on
-nothing the capture changed: after the block it would still match, checked before the model's
-original entry, and the model would keep running in pieces; and a frame whose new compile failed
-inside the block keeps a "run eagerly" mark that splits it after the block too. So a capture notes,
-on entry, how many compiled entries each code object holds and, on exit, drops (Dynamo's
-reset_code) every code object whose entries changed, and the forward code of every module of the
-captured target: the first call after the block compiles the model once more, whole, as it was
-before the block. Other compiled code keeps its entries.
+Inside a capture block a captured call compiles into the model's graph (attncap.traced): the trace
+guards on the capture's stand-in processors and wrapped backends, so the model's code gets one more
+compiled entry, and after the block (processors and backends restored) those guards fail and the
+model's original entry runs again, as before; a later block finds the capture entry still valid
+(the layers' routes are graph inputs) and compiles nothing. Nothing needs dropping then.
 
-This reads Dynamo's private cache lists (torch._dynamo.convert_frame.input_codes and
-eval_frame._debug_get_cache_entry_list); if a torch version lacks them, nothing is dropped and the
-capture still works (the model then may stay split after the block).
+Some captured calls still leave the graph: classic processors, and traced calls that break it (a
+flex BlockMask, a processor attncap cannot route). Dynamo then compiles the model's frames split at
+those calls, and an entry whose graph ends before the first attention guards on nothing the capture
+changed: after the block it would still match, checked before the model's original entry, and the
+model would keep running in pieces; and a frame whose new compile failed inside the block keeps a
+"run eagerly" mark that splits it after the block too. So a capture notes, on entry, how many
+compiled entries each code object holds and how many graph breaks Dynamo has counted; on exit, if
+the block broke a graph or failed a compile, it drops (Dynamo's reset_code) every code object whose
+entries changed, and the forward code of every module of the captured target: the first call after
+the block compiles the model once more, whole, as it was before the block. Other compiled code keeps
+its entries.
+
+This reads Dynamo's private cache lists and counters (torch._dynamo.convert_frame.input_codes,
+eval_frame._debug_get_cache_entry_list, utils.counters); if a torch version lacks them, nothing is
+dropped and the capture still works (the model then may stay split after the block).
 """
 from __future__ import annotations
 
@@ -52,6 +58,13 @@ def _module_codes(target: Any) -> set[CodeType]:
     return codes
 
 
+def _breaks() -> int:
+    """Graph breaks and failed frame compiles Dynamo has counted in this process."""
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values()) + sum(counters["unimplemented"].values())
+
+
 class CompiledCaches:
     """Dynamo's compiled entries per code object at the start of a capture block of ``target``."""
 
@@ -59,13 +72,14 @@ class CompiledCaches:
         self.target = target
         try:
             self.before: dict[CodeType, int] | None = {code: _entries(code) for code in _codes()}
+            self.breaks = _breaks()
         except (ImportError, AttributeError):
             self.before = None
 
     def drop_changed(self) -> int:
-        """Reset the target's module code and every code object whose compiled entries changed since
-        __init__ (only where Dynamo compiled anything); return how many were reset."""
-        if self.before is None:
+        """Where the block broke a graph or failed a compile: reset the target's module code and every
+        code object whose compiled entries changed since __init__; return how many were reset."""
+        if self.before is None or _breaks() == self.breaks:
             return 0
         from torch._dynamo.eval_frame import reset_code
 

@@ -10,6 +10,10 @@ Two routes lead to the same handler:
 A handler returns the attention output, or None to let the original run. While the original of an
 intercepted function runs (``passthrough``), SDPA calls it makes itself are not a second attention
 call of the layer and go straight through.
+
+Eagerly the active handler lives in a context variable (per thread). Dynamo cannot trace a context
+variable, so while torch.compile traces a captured call (attncap.traced) the handler lives in a
+plain module attribute instead: the trace sees it set and read like any Python state.
 """
 from __future__ import annotations
 
@@ -26,8 +30,20 @@ Handler = Callable[..., "torch.Tensor | None"]
 _active: contextvars.ContextVar[Handler | None] = contextvars.ContextVar("attncap_handler", default=None)
 
 
+class _Traced:
+    """The handler of the captured call that torch.compile is tracing (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.current: Handler | None = None  # an instance attribute from the start: traces guard on it
+
+
+traced = _Traced()
+
+
 def active_handler() -> Handler | None:
-    """The handler of the captured call running on this thread, if any."""
+    """The handler of the captured call running on this thread (or being traced), if any."""
+    if torch.compiler.is_compiling():
+        return traced.current
     return _active.get()
 
 
@@ -41,9 +57,21 @@ def handling(handler: Handler | None) -> Iterator[None]:
         _active.reset(token)
 
 
-def passthrough() -> contextvars.Token:
-    """Mark the original of an intercepted call as running: inner SDPA calls are left alone."""
+def passthrough() -> object:
+    """Mark the original of an intercepted call as running: inner SDPA calls are left alone until
+    ``end_passthrough`` with the token this returns."""
+    if torch.compiler.is_compiling():
+        token, traced.current = traced.current, None
+        return token
     return _active.set(None)
+
+
+def end_passthrough(token: object) -> None:
+    """The original has returned: the handler ``passthrough`` put aside is active again."""
+    if torch.compiler.is_compiling():
+        traced.current = token
+    else:
+        _active.reset(token)
 
 
 class _SDPAMode(TorchFunctionMode):

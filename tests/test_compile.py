@@ -185,12 +185,12 @@ def test_cuda_graph_replays_a_captured_call():
 # inputs, twice inside the block (the steps' records must not depend on compiled state). Compiled
 # before the block and called once, so the block starts from a warm cache, as in use.
 
-def _wan():
+def _wan(layers: int = 1):
     from diffusers import WanTransformer3DModel
 
-    torch.manual_seed(0)  # tests/tiny_transformers.py's tiny Wan with one block (compiling is the cost here)
+    torch.manual_seed(0)  # tests/tiny_transformers.py's tiny Wan with few blocks (compiling is the cost here)
     model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16,
-                                  out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=1,
+                                  out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=layers,
                                   cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
     g = torch.Generator().manual_seed(1)
     inputs = dict(hidden_states=torch.randn(1, 16, 3, 6, 10, generator=g), timestep=torch.tensor([500.0]),
@@ -216,7 +216,7 @@ def _flux():
     return model, inputs
 
 
-def _unet():
+def _unet(classic: bool = False):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
@@ -224,13 +224,20 @@ def _unet():
         block_out_channels=(8,), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
         down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",), mid_block_type=None,
         cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4)
+    if classic:  # probabilities from get_attention_scores: captured eagerly, between graphs
+        from diffusers.models.attention_processor import AttnProcessor
+
+        model.set_attn_processor(AttnProcessor())
     g = torch.Generator().manual_seed(1)
     inputs = dict(sample=torch.randn(2, 4, 6, 10, generator=g), timestep=torch.tensor(500),
                   encoder_hidden_states=torch.randn(2, 7, 16, generator=g), return_dict=False)
     return model, inputs
 
 
-MODELS = {"wan": _wan, "flux": _flux, "unet": _unet}
+MODELS = {"wan": _wan, "wan2": lambda: _wan(2), "flux": _flux, "unet": _unet, "unet_classic": lambda: _unet(True)}
+import attncap.traced  # noqa: E402  (registers attncap::captured_call)
+
+CAPTURED_CALL = (torch.ops.attncap.captured_call, torch.ops.attncap.captured_call.default)  # as Dynamo, as AOT records it
 
 
 def _captured_run(model, inputs):
@@ -240,14 +247,16 @@ def _captured_run(model, inputs):
 
 
 class GraphCalls:
-    """A torch.compile backend that counts how many compiled graphs run: a model that runs whole
-    takes one graph per call (regional compile: one per block)."""
+    """A torch.compile backend that counts the compiled graphs that run (a model that runs whole takes
+    one graph per call; regional compile: one per block) and, per graph compiled, its captured calls."""
 
     def __init__(self, name: str):
         self.inner = torch._dynamo.lookup_backend(name)
         self.calls = 0
+        self.compiled: list[int] = []  # attncap::captured_call nodes of each graph compiled
 
     def __call__(self, gm, example_inputs):
+        self.compiled.append(sum(node.target in CAPTURED_CALL for node in gm.graph.nodes))
         compiled = self.inner(gm, example_inputs)
 
         def run(*args):
@@ -263,8 +272,20 @@ class GraphCalls:
         return self.calls - before
 
 
-@pytest.mark.parametrize("name, backend, regional", [
-    ("wan", "aot_eager", False), ("flux", "aot_eager", True), ("unet", "aot_eager", False), ("wan", "inductor", True)])
+def _graph_breaks() -> int:
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values())
+
+
+# (model, backend, regional compile): whole and regional, aot_eager and inductor, dispatcher processors
+# (Wan, Flux), a processor that calls SDPA itself (UNet) and a classic processor (probabilities from
+# get_attention_scores, which stays eager). wan2's two identical blocks must share one compiled graph.
+CASES = [("wan", "aot_eager", False), ("flux", "aot_eager", True), ("unet", "aot_eager", False),
+         ("wan2", "inductor", True), ("unet_classic", "aot_eager", False)]
+
+
+@pytest.mark.parametrize("name, backend, regional", CASES)
 def test_compiled_model_capture_equals_eager_capture(name, backend, regional):
     model, inputs = MODELS[name]()
     with torch.no_grad():
@@ -278,6 +299,7 @@ def test_compiled_model_capture_equals_eager_capture(name, backend, regional):
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs)[0], plain, atol=1e-5, rtol=1e-5)
     graphs_per_call = counting.per_call(model, inputs)
+    compiled_before, calls_before, breaks_before = len(counting.compiled), counting.calls, _graph_breaks()
     outs, store = _captured_run(model, inputs)
     for out, eager_out in zip(outs, eager_outs):
         torch.testing.assert_close(out, eager_out, atol=1e-5, rtol=1e-5)   # fp32 CPU: kernels' rounding
@@ -285,7 +307,21 @@ def test_compiled_model_capture_equals_eager_capture(name, backend, regional):
     assert [key(r) for r in store.records] == [key(r) for r in eager_store.records] and store.records
     for r, e in zip(store.records, eager_store.records):
         torch.testing.assert_close(r.data, e.data, atol=1e-5, rtol=1e-5, msg=lambda m, r=r: f"{key(r)}: {m}")
-    # After the block the model compiles once more, whole, and runs as before: as many graphs per call.
+    in_block = counting.compiled[compiled_before:]
+    if name != "unet_classic":
+        # The attention stays in the graph: the model runs as many graphs per call as uncaptured (no
+        # split), each block kind compiles once more (identical blocks share it), with the captured calls.
+        assert _graph_breaks() == breaks_before
+        assert counting.calls - calls_before == 2 * graphs_per_call
+        assert len(in_block) == (2 if name == "flux" else 1) and all(in_block)
+        # A second capture block reuses that graph: a capture costs one recompile per block kind, once.
+        _captured_run(model, inputs)
+        assert len(counting.compiled) == compiled_before + len(in_block)
+    else:
+        assert not any(in_block) and _graph_breaks() > breaks_before  # eager between graphs
+    # After the block the model runs as before: as many graphs per call, and no captured call among them.
+    compiled_after = len(counting.compiled)
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs)[0], plain, atol=1e-5, rtol=1e-5)
     assert counting.per_call(model, inputs) == graphs_per_call, "the model still runs split after the block"
+    assert not any(counting.compiled[compiled_after:])

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ...intercept import _active, active_handler, passthrough
+from ...intercept import active_handler, end_passthrough, passthrough
 
 _lock = threading.Lock()
 _open = 0
@@ -50,7 +50,7 @@ def _wrap_backend(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         finally:
-            _active.reset(token)
+            end_passthrough(token)
 
     backend.__attncap_original__ = fn
     return backend
@@ -97,7 +97,7 @@ def classic_scores(attn: torch.nn.Module, handler: Any) -> Iterator[None]:
         try:
             probs = original(query, key, attention_mask)
         finally:
-            _active.reset(token)
+            end_passthrough(token)
         handler.from_classic(attn, query, key, attention_mask)
         return probs
 

@@ -7,6 +7,11 @@ original still does its projections, norms, rotary embeddings and concatenations
 computes the attention once, output and maps together, whether the processor calls torch SDPA,
 diffusers' dispatch_attention_fn with any backend, or the classic get_attention_scores. On any
 other call it is the original processor, untouched.
+
+Under torch.compile a captured call is traced like the original (projections, norms, rotary
+embeddings compile as before) and each of its attention calls becomes one attncap::captured_call
+node (attncap.traced) that runs this module's CallHandler at run time. Classic processors, whose
+probabilities come from a method attncap wraps per call, run eagerly between graphs instead.
 """
 from __future__ import annotations
 
@@ -15,7 +20,9 @@ from typing import Any, Callable
 
 import torch
 
-from ...intercept import handling, intercept_sdpa
+from ... import traced
+from ...intercept import _SDPAMode, handling, intercept_sdpa
+from ...intercept import traced as traced_route
 from ...session import CallLayout, CaptureSession
 from .. import parallel
 from .dispatch import classic_scores, classic_to_heads, dispatch_mask
@@ -111,7 +118,52 @@ class CallHandler:
         self._capture(q, k, k[..., :1], mask, 0.0, False, attn.scale, "bhsd")
 
 
+class TracedCalls:
+    """The attention calls of one captured processor call while torch.compile traces it: each becomes
+    an attncap::captured_call node naming this layer's route and the call's index (attncap.traced)."""
+
+    def __init__(self, proc: "CaptureProcessor"):
+        self.proc = proc
+        self.index = 0
+
+    def _record(self, query, key, value, attn_mask, dropout_p, is_causal, scale, layout: str, cp: bool):
+        index = self.index
+        self.index += 1
+        return traced.call(self.proc.ident, index, query, key, value, attn_mask, dropout_p, is_causal, scale,
+                           layout, cp)
+
+    def __call__(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                 enable_gqa=False):
+        """torch SDPA's call: [B, H, N, D]."""
+        if query.dim() != 4:
+            self.index += 1
+            _note(self.proc, f"an SDPA call with {query.dim()}-d q (attncap takes [B, H, N, D])")
+            return None
+        return self._record(query, key, value, attn_mask, dropout_p, is_causal, scale, "bhsd", False)
+
+    def from_dispatch(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                      enable_gqa=False, _parallel_config=None, **backend_kwargs):
+        """A diffusers backend's call: [B, N, H, D]."""
+        if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):
+            self.index += 1
+            _note(self.proc, f"a {type(attn_mask).__name__} mask (attncap takes tensor masks)")
+            return None
+        return self._record(query, key, value, attn_mask, dropout_p, is_causal, scale, "bshd",
+                            _parallel_config is not None)
+
+
+@torch.compiler.disable
+def _note(proc: "CaptureProcessor", reason: str | None) -> None:
+    """At run time, for a traced call that records no captured_call: the layer ran, and why its call is
+    left alone (reason None: none of its attention reached attncap). One graph break, only there."""
+    proc.session.entered(proc.layer)
+    if reason is not None:
+        proc.session.note(proc.layer, reason)
+
+
 class CaptureProcessor:
+    _OWN = ("original", "layer", "session", "layout_fn", "default_relations", "ident", "traceable", "calls_sdpa")
+
     def __init__(self, original: Any, layer: str, session: CaptureSession, layout_fn: LayoutFn,
                  default_relations: tuple[str, ...]):
         self.original = original
@@ -119,6 +171,14 @@ class CaptureProcessor:
         self.session = session
         self.layout_fn = layout_fn
         self.default_relations = default_relations
+        # the number a traced call names this layer by: a tensor, so identical blocks share one graph
+        self.ident = traced.register(self)
+        # classic processors compute their probabilities in get_attention_scores, wrapped per call
+        names = type(original).__call__.__code__.co_names
+        self.traceable = "get_attention_scores" not in names
+        # A traced SDPA mode would also trace every tensor method the processor calls through Python
+        # (Tensor.unflatten breaks the graph): only processors that do not use the dispatcher get it.
+        self.calls_sdpa = "dispatch_attention_fn" not in names
 
     def __getattr__(self, name: str) -> Any:
         # Attributes diffusers reads or sets on processors (_attention_backend, ...) stay the original's.
@@ -126,7 +186,7 @@ class CaptureProcessor:
 
     def __setattr__(self, name: str, value: Any) -> None:
         # enable_parallelism / set_attention_backend set attributes on the processor they find: the original's.
-        if name in ("original", "layer", "session", "layout_fn", "default_relations"):
+        if name in CaptureProcessor._OWN:
             object.__setattr__(self, name, value)
         else:
             setattr(self.__dict__["original"], name, value)
@@ -134,18 +194,47 @@ class CaptureProcessor:
     def _run(self, attn, *args, **kwargs):
         if not self.session.state.active:
             return self.original(attn, *args, **kwargs)
+        if self.traceable and torch.compiler.is_compiling():
+            return self._traced(attn, *args, **kwargs)
         return self._captured(attn, *args, **kwargs)
 
     @torch.compiler.disable
     def _captured(self, attn, *args, **kwargs):
-        """A captured call. Under torch.compile it runs eagerly, between two graphs (one graph break on
-        each side): its routing (context variables, the SDPA mode, the dispatcher's wrappers) and the
-        filing into the store are Python that Dynamo cannot trace; attncap.attention itself compiles
-        (fullgraph=True) wherever it is called from traced code. See attncap.compiled."""
+        """A captured call run eagerly (under torch.compile only for classic processors: between two graphs)."""
         handler = CallHandler(self)
         self.session.entered(self.layer)
         with handling(handler), intercept_sdpa(), classic_scores(attn, handler):
             return self.original(attn, *args, **kwargs)
+
+    def _traced(self, attn, *args, **kwargs):
+        """A captured call as torch.compile traces it: the original processor with its attention calls
+        recorded as attncap::captured_call nodes (the handler in a plain attribute: attncap.intercept)."""
+        calls = TracedCalls(self)
+        outer, traced_route.current = traced_route.current, calls
+        try:
+            if self.calls_sdpa:
+                with _SDPAMode(None):
+                    out = self.original(attn, *args, **kwargs)
+            else:
+                out = self.original(attn, *args, **kwargs)
+        finally:
+            traced_route.current = outer
+        if calls.index == 0:
+            _note(self, None)
+        return out
+
+    def route(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask, dropout_p: float,
+              is_causal: bool, scale: float | None, layout: str, cp: bool) -> torch.Tensor | None:
+        """Run time of a traced call (attncap::captured_call): call ``index`` of a processor call, as the
+        eager handler would run it; None leaves it to plain SDPA (the reason is noted)."""
+        if index == 0:
+            self.session.entered(self.layer)
+        handler = CallHandler(self)
+        handler.index = index
+        if layout == "bhsd":
+            return handler(q, k, v, attn_mask, dropout_p, is_causal, scale)
+        config = getattr(self.original, "_parallel_config", None) if cp else None
+        return handler.from_dispatch(q, k, v, attn_mask, dropout_p, is_causal, scale, _parallel_config=config)
 
 
 _classes: dict[type, type] = {}
