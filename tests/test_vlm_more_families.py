@@ -18,11 +18,20 @@ pytest.importorskip("transformers")
 
 import attncap  # noqa: E402
 from test_capture_vlm_families import _local_tower, eager  # noqa: E402
-from tiny_vlms import AUDIO, IMAGE, PAD, VIDEO, llava_next_video, llava_onevision, mllama, mllama_inputs, \
-    qwen2_5_omni, qwen3_omni, qwen3_vl_moe, qwen_media, video_inputs  # noqa: E402
+from tiny_vlms import AUDIO, IMAGE, PAD, VIDEO, idefics2, llava_next_video, llava_onevision, mllama, mllama_inputs, \
+    phi4mm, phi4mm_inputs, qwen2_5_omni, qwen3_omni, qwen3_vl_moe, qwen_media, tiles_inputs, video_inputs  # noqa: E402
 
-LM = re.compile(r"language_model\.layers\.(\d+)\.(self_attn|cross_attn)$")
+LM = re.compile(r"(?:language_model\.|text_model\.|^model\.)layers\.(\d+)\.(self_attn|cross_attn)$")
 THW = {"qwen2_5_omni": qwen2_5_omni, "qwen3_omni": qwen3_omni, "qwen3_vl_moe": qwen3_vl_moe}
+
+
+def zero_blocks(model, pattern: str) -> None:
+    """_local_tower for towers under other names: zero every linear layer of the blocks matching pattern."""
+    with torch.no_grad():
+        for n, m in model.named_modules():
+            if re.search(pattern, n) and isinstance(m, torch.nn.Linear):
+                m.weight.zero_()
+                m.bias.zero_()
 
 
 def lm_layers(model) -> list[str]:
@@ -218,3 +227,50 @@ def test_llava_video_frames_on_their_grid(name):
     planted = dict(inputs, pixel_values_videos=inputs["pixel_values_videos"].clone())
     planted["pixel_values_videos"][0, 1, :, 8:12, 12:16] += 30  # frame 1, patch (2, 3) -> cell (1, 1, 1)
     assert planted_cell(model, inputs, planted, lm_layers(model)[0], "text->video") == (0, 1 * 4 + 1 * 2 + 1)
+
+
+# ----------------------------------------------------------------------------------- Phi-4-multimodal
+def phi4_expected(ids: torch.Tensor) -> list[tuple[str, list[int], tuple | None]]:
+    """Its image embedding's order: 2x1 crops of 4x4 stitched to 8x4 with a newline after each row, the
+    separator, then the global view 4x4 with a newline after each row."""
+    pos = (ids[0] == IMAGE).nonzero().flatten().tolist()
+    crops, glob = pos[:40], pos[41:]
+    return [("image", [p for i, p in enumerate(crops) if i % 5 < 4], (8, 4)),
+            ("image_newline", [p for i, p in enumerate(crops) if i % 5 == 4], None), ("image_break", [pos[40]], None),
+            ("image", [p for i, p in enumerate(glob) if i % 5 < 4], (4, 4)),
+            ("image_newline", [p for i, p in enumerate(glob) if i % 5 == 4], None)]
+
+
+def test_phi4_multimodal_crops_and_global_view_on_their_grids():
+    model = phi4mm()
+    inputs = phi4mm_inputs(model)
+    expected = phi4_expected(inputs["input_ids"])
+    check_lm_against_eager(model, inputs, expected)
+    check_generate(model, inputs, lm_layers(model)[0], [(n, g) for n, _, g in expected])
+    with torch.no_grad(), attncap.capture(model, layers="*img_processor*layers.0.self_attn") as store:
+        model(**inputs)
+    assert {(r.relation, r.key_grid, r.data.shape[0]) for r in store.records} == {("image->image", (8, 8), 3)}
+    zero_blocks(model, r"img_processor\..*layers\.\d+\.")
+    planted = dict(inputs, image_pixel_values=inputs["image_pixel_values"].clone())
+    planted["image_pixel_values"][0, 2, :, 20:24, 8:12] += 30  # lower crop, patch (5, 2) -> pooled (2, 1) -> (6, 1)
+    assert planted_cell(model, inputs, planted, lm_layers(model)[0], "text->image") == (0, 6 * 4 + 1)
+
+
+# ----------------------------------------------------------------------------------- Idefics2
+@pytest.mark.filterwarnings("ignore:attncap. idefics2. its image tokens have no grid")  # asserted once below
+def test_idefics2_latents_named_per_image_without_a_grid():
+    """Its image tokens are perceiver latents (no position on the image): one segment per image, no
+    grid, and a warning that says why; the tower keeps its patch grid. Maps still equal eager."""
+    model = idefics2()
+    pixels = tiles_inputs(model)  # two real images and a blank padding one
+    ids = torch.tensor([[5, 6] + [IMAGE] * 8 + [7] + [IMAGE] * 8 + [8, 9]])
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), **pixels)
+    pos = (ids[0] == IMAGE).nonzero().flatten().tolist()
+    with pytest.warns(UserWarning, match="no grid: they are perceiver latents"):
+        check_lm_against_eager(model, inputs, [("image", pos[:8], None), ("image", pos[8:], None)])
+    with torch.no_grad(), attncap.capture(model, relations="text->image", layers=lm_layers(model)[:1]) as store:
+        model(**inputs)
+    assert [r.meta["key_tag"] for r in store.records] == ["tile 0 of 2", "tile 1 of 2"]
+    with torch.no_grad(), attncap.capture(model, layers="*vision_model*layers.0.self_attn") as store:
+        model(**inputs)
+    assert {(r.relation, r.key_grid, r.data.shape[0]) for r in store.records} == {("image->image", (8, 8), 2)}

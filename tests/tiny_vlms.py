@@ -351,3 +351,46 @@ def video_inputs(model, frames: int = 3, side: int = 16, seed: int = 0) -> dict:
         n = model.base_model.get_video_features(pixel_values_videos=pv).pooler_output.shape[1]
     ids = torch.tensor([[5, 6] + [VIDEO] * n + [8, 9, 10]])
     return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values_videos=pv)
+
+
+def idefics2(seed: int = 0):
+    """Idefics2: SigLIP-style tower (32x32 pixels, patch 4), perceiver resampler to 8 latents per image."""
+    from transformers import Idefics2Config, Idefics2ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=4)
+    perceiver = dict(hidden_size=32, resampler_n_latents=8, resampler_depth=1, resampler_n_heads=2,
+                     resampler_head_dim=8, num_key_value_heads=1)
+    cfg = Idefics2Config(text_config=dict(TEXT, model_type="mistral"), vision_config=vision,
+                         perceiver_config=perceiver, image_token_id=IMAGE)
+    return _eval(Idefics2ForConditionalGeneration(cfg))
+
+
+def phi4mm(seed: int = 0):
+    """Phi-4-multimodal: SigLIP-style tower on 32x32 crops (patch 4: 8x8, pooled 2x2 -> 4x4), a tiny audio
+    encoder (unused here); image_token_id lives in vision_config."""
+    from transformers import Phi4MultimodalConfig, Phi4MultimodalForCausalLM
+
+    torch.manual_seed(seed)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=4, crop_size=32, image_token_id=IMAGE, feature_layer=-1)
+    audio = dict(hidden_size=32, intermediate_size=32, num_blocks=1, num_attention_heads=2, ext_pw_out_channel=32,
+                 depthwise_separable_out_channel=32, nemo_conv_channels=32, input_size=16, audio_token_id=62)
+    text = {k: v for k, v in TEXT.items() if k != "head_dim"}
+    cfg = Phi4MultimodalConfig(**text, vision_config=vision, audio_config=audio, original_max_position_embeddings=512)
+    return _eval(Phi4MultimodalForCausalLM(cfg))
+
+
+def phi4mm_inputs(model, seed: int = 0) -> dict:
+    """One 64x32 image (2x1 crops of 32x32 and the global view): crops stitched 8x4 + a newline per row,
+    a separator, the global 4x4 + a newline per row = 8 * 5 + 1 + 4 * 5 = 61 image tokens."""
+    g = torch.Generator().manual_seed(seed)
+    pv = torch.randn(1, 3, 3, 32, 32, generator=g)
+    ids = torch.tensor([[5, 6] + [IMAGE] * 61 + [8, 9, 10]])
+    mask = torch.ones(1, 3, 8, 8, dtype=torch.long)
+    # One patch of the global view masked: with no masked patch transformers drops the tower's mask and its
+    # SDPA path turns causal (the module says is_causal=True) while eager stays bidirectional.
+    mask[0, 0, -1, -1] = 0
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), image_pixel_values=pv,
+                image_sizes=torch.tensor([[64, 32]]), image_attention_mask=mask)

@@ -226,6 +226,7 @@ class TransformersCapture:
             self._find_towers()
             self._find_cross_attention()
             self._wrap_media()
+            self._watch_embedding_modules()
             self._hooks.append(self.model.register_forward_pre_hook(self._on_step, with_kwargs=True))
             self._hooks.append(self.model.register_forward_hook(self._after_step, always_call=True))
             _ACTIVE.append(self)
@@ -322,6 +323,30 @@ class TransformersCapture:
             self._wrapped.append((base, name, vars(base).get(name, _UNSET)))
             setattr(base, name, self._media_wrapper(fn, signature, modality))
 
+    def _watch_embedding_modules(self) -> None:
+        """Phi-4-multimodal has no get_image_features: its image embedding module (the one taking
+        image_pixel_values) encodes the images inside the forward; its inputs are watched instead."""
+        for m in self.model.modules():
+            forward = getattr(type(m), "forward", None)
+            if forward is None or "image_pixel_values" not in inspect.signature(forward).parameters or \
+                    "audio_input_features" in inspect.signature(forward).parameters:  # the image embedding itself
+                continue
+            signature = inspect.signature(forward)
+
+            def before(mod, args, kwargs, signature=signature):
+                try:
+                    bound = signature.bind_partial(mod, *args, **kwargs).arguments
+                except TypeError:
+                    bound = dict(kwargs)
+                self.modality = "image"
+                self._media.append(("image", {k: v for k, v in bound.items() if k != "self"}, None))
+
+            def after(mod, args, kwargs, out):
+                self.modality = None
+
+            self._hooks.append(m.register_forward_pre_hook(before, with_kwargs=True))
+            self._hooks.append(m.register_forward_hook(after, with_kwargs=True, always_call=True))
+
     def _media_wrapper(self, fn, signature: inspect.Signature, modality: str):
         @functools.wraps(fn)  # generate() reads the signature to pick the method's inputs
         def encode(*args, **kwargs):
@@ -415,6 +440,8 @@ class TransformersCapture:
                     notes.append(f"its {modality} layout rule gives {claimed} tokens, the model made {rows}")
                     break
                 found.extend(got)
+                notes += sorted({f"its {modality} tokens have no grid: {p.no_grid}" for item in got for p in item.pieces
+                                 if p.no_grid is not None})
             if not calls:
                 notes.append(f"no {modality} inputs were seen (get_{modality}_features was not called)")
             items[modality] = found or None
@@ -518,6 +545,8 @@ class TransformersCapture:
         return CallLayout((Segment("text", 0, nq),), keys)
 
     def _lm_layout(self, nq: int, nk: int):
+        if self.modality is not None:  # a connector inside get_*_features (Idefics2's perceiver), not the LM
+            return CallLayout((Segment("tokens", 0, nq),), (Segment("tokens", 0, nk),)), None, None, ()
         if (nq, nk) in self._cache:
             return self._cache[(nq, nk)]
         seq = self._sequence()

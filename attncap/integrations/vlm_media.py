@@ -25,11 +25,13 @@ import torch
 @dataclass(frozen=True)
 class Piece:
     """A named part of one medium: ``media`` pieces fill media-token positions (features), the others
-    are tokens of their own ids that the model places inside the medium (Pixtral's [IMG_BREAK])."""
+    are tokens of their own ids that the model places inside the medium (Pixtral's [IMG_BREAK]).
+    ``no_grid`` says why a medium's piece has no grid (the capture warns with it)."""
     name: str
     grid: tuple[int, ...] | None = None
     tag: str | None = None
     media: bool = True
+    no_grid: str | None = None
 
 
 @dataclass
@@ -213,6 +215,52 @@ def llava_video_rule(cfg, inp: dict) -> list[MediaItem] | None:
     return [grid_item("video", (frames, g // stride, g // stride)) for _ in range(pv.shape[0])]
 
 
+def latents_rule(cfg, inp: dict, modality: str) -> list[MediaItem] | None:
+    """Idefics2: each real image (or crop) of pixel_values [B, N, C, H, W] (blank padding images dropped,
+    as the model does) becomes perceiver_config.resampler_n_latents learned latents that a perceiver
+    resampler filled: tokens with no position on the image, so the segment has no grid (and says why)."""
+    pv = inp.get("pixel_values")
+    n = getattr(getattr(cfg, "perceiver_config", None), "resampler_n_latents", None)
+    if modality != "image" or not isinstance(pv, torch.Tensor) or pv.dim() != 5 or not isinstance(n, int):
+        return None
+    real = (pv != 0).flatten(2).any(2)
+    why = "they are perceiver latents, which have no position on the image"
+    return [MediaItem("image", (Piece("image", None, f"tile {j} of {int(k)}" if k > 1 else None, no_grid=why),),
+                      (torch.zeros(n, dtype=torch.long),))
+            for k in real.sum(1).tolist() for j in range(int(k))]
+
+
+def phi4_rule(cfg, inp: dict, modality: str) -> list[MediaItem] | None:
+    """Phi-4-multimodal (its image embedding's inputs): image_pixel_values [B, 1 + crops, C, H, W] (a
+    global view, then the crops), image_sizes [B, 2] in pixels, image_attention_mask [B, 1 + crops, h, w]
+    over patches. Each of the B images is laid out by the model as: its crops stitched into one grid
+    (rows x cols of (b, b) each, cut to the mask's useful size), a newline after each row, one separator
+    (image_break), then the global view (b, b) with a newline after each row; b = patches per side / 2
+    (2x2 average pooling, an odd side padded by one)."""
+    pv, sizes, mask = inp.get("image_pixel_values"), inp.get("image_sizes"), inp.get("image_attention_mask")
+    vc = _vc(cfg)
+    p, side, crop = _patch(cfg), patch_side(getattr(vc, "image_size", None)), getattr(vc, "crop_size", None)
+    if modality != "image" or not isinstance(pv, torch.Tensor) or pv.dim() != 5 or not isinstance(sizes, torch.Tensor) \
+            or p is None or side is None or not isinstance(crop, int):
+        return None
+    n = side // p
+    b = (n + n % 2) // 2
+    items = []
+    for i, (height, width) in enumerate(sizes.reshape(-1, 2).tolist()):
+        rows, cols = int(height) // crop, int(width) // crop
+        uh, uw = rows * b, cols * b
+        if isinstance(mask, torch.Tensor):  # the useful part of the stitched crops, read as the model reads it
+            m = mask[i, 1:rows * cols + 1, 0::2, 0::2].reshape(rows, cols, b, b).transpose(1, 2).reshape(uh, uw)
+            uh, uw = int(m[:, 0].sum()), int(m[0, :].sum())
+        crops = torch.cat([torch.zeros(uw, dtype=torch.long), torch.ones(1, dtype=torch.long)]).repeat(uh)
+        glob = torch.cat([torch.full((b,), 3, dtype=torch.long), torch.full((1,), 4, dtype=torch.long)]).repeat(b)
+        pieces = (Piece("image", (uh, uw), f"{rows}x{cols} crops, stitched"), Piece("image_newline"),
+                  Piece("image_break", tag="between the crops and the global view"),
+                  Piece("image", (b, b), "global view"), Piece("image_newline", tag="global view"))
+        items.append(MediaItem("image", pieces, (torch.cat([crops, torch.tensor([2]), glob]),)))
+    return items
+
+
 def _llava_next(model, cfg, inp: dict, modality: str) -> list[MediaItem] | None:
     return anyres_rule(model, cfg, inp, modality) if modality == "image" else llava_video_rule(cfg, inp)
 
@@ -250,6 +298,8 @@ RULES: dict[str, Callable] = {
         "aya_vision", "internvl", "llama4", "idefics3", "smolvlm")},
     **{t: _llava_next for t in ("llava_next", "llava_onevision", "llava_next_video")},
     "mistral3": lambda m, c, i, mod: pixtral_rule(c, i, mod),
+    "idefics2": lambda m, c, i, mod: latents_rule(c, i, mod),
+    "phi4_multimodal": lambda m, c, i, mod: phi4_rule(c, i, mod),
 }
 
 
