@@ -18,7 +18,7 @@ pytest.importorskip("transformers")
 
 import attncap  # noqa: E402
 from test_capture_vlm_families import _local_tower, eager  # noqa: E402
-from tiny_vlms import AUDIO, IMAGE, PAD, VIDEO, idefics2, llava_next_video, llava_onevision, mllama, mllama_inputs, \
+from tiny_vlms import AUDIO, IMAGE, PAD, VIDEO, gemma3n, idefics2, llava_next_video, llava_onevision, mllama, mllama_inputs, \
     phi4mm, phi4mm_inputs, qwen2_5_omni, qwen3_omni, qwen3_vl_moe, qwen_media, tiles_inputs, video_inputs  # noqa: E402
 
 LM = re.compile(r"(?:language_model\.|text_model\.|^model\.)layers\.(\d+)\.(self_attn|cross_attn)$")
@@ -274,3 +274,19 @@ def test_idefics2_latents_named_per_image_without_a_grid():
     with torch.no_grad(), attncap.capture(model, layers="*vision_model*layers.0.self_attn") as store:
         model(**inputs)
     assert {(r.relation, r.key_grid, r.data.shape[0]) for r in store.records} == {("image->image", (8, 8), 2)}
+
+
+# ----------------------------------------------------------------------------------- Gemma 3n
+def test_gemma3n_soft_tokens_on_their_grid():
+    """Gemma 3n's image tokens are its tower's final feature map, row-major (get_image_features reshapes
+    [C, h, w] to h * w tokens): (4, 4). The tower is a stand-in (tests/tiny_vlms.py): timm is not installed."""
+    model = gemma3n()
+    pv = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor([[5, 6, 55] + [IMAGE] * 16 + [56, 8, 9]])
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pv)
+    expected = [("image", list(range(3, 19)), (4, 4))]
+    check_lm_against_eager(model, inputs, expected)
+    check_generate(model, inputs, lm_layers(model)[0], [("image", (4, 4))])
+    planted = dict(inputs, pixel_values=pv.clone())
+    planted["pixel_values"][0, :, 16:24, 8:16] += 30  # 8x8 block (2, 1) of the stand-in's patchify
+    assert planted_cell(model, inputs, planted, lm_layers(model)[0], "text->image") == (0, 2 * 4 + 1)

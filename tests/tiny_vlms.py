@@ -394,3 +394,45 @@ def phi4mm_inputs(model, seed: int = 0) -> dict:
     mask[0, 0, -1, -1] = 0
     return dict(input_ids=ids, attention_mask=torch.ones_like(ids), image_pixel_values=pv,
                 image_sizes=torch.tensor([[64, 32]]), image_attention_mask=mask)
+
+
+class _StandInGemma3nTower(torch.nn.Module):
+    """Gemma 3n's tower is timm's MobileNetV5 (timm needs torchvision, which this project does not install):
+    a stand-in with its output contract, one [C, 4, 4] feature map per 32x32 image (an 8x8 patchify conv)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.conv = torch.nn.Conv2d(3, config.hidden_size, 8, 8)
+
+    def forward(self, pixel_values, do_pooling=False, return_dict=True, **kwargs):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        return BaseModelOutputWithPooling(last_hidden_state=self.conv(pixel_values))
+
+
+def gemma3n(seed: int = 0):
+    """Gemma 3n with the stand-in tower (vision_soft_tokens_per_image = 16 -> 4x4); AltUp, LAuReL and
+    per-layer inputs on; layer 1 is global and shares layer 0's keys and values (KV sharing)."""
+    from transformers import AutoModel, Gemma3nConfig, Gemma3nForConditionalGeneration
+    from transformers.models.gemma3n import modeling_gemma3n
+
+    class Auto:
+        @staticmethod
+        def from_config(cfg, **kw):
+            return _StandInGemma3nTower(cfg) if cfg.model_type == "gemma3n_vision" else AutoModel.from_config(cfg, **kw)
+
+    torch.manual_seed(seed)
+    text = dict(TEXT, vocab_size_per_layer_input=64, hidden_size_per_layer_input=8, num_kv_shared_layers=1,
+                laurel_rank=4, altup_num_inputs=2, sliding_window=8, layer_types=["full_attention"] * 2,
+                activation_sparsity_pattern=[0.0, 0.0])
+    audio = dict(hidden_size=32, vocab_offset=72, vocab_size=8, conf_num_hidden_layers=1, conf_num_attention_heads=2,
+                 input_feat_size=16, sscp_conv_channel_size=[8, 8])
+    cfg = Gemma3nConfig(text_config=text, vision_config=dict(hidden_size=32, vocab_offset=64, vocab_size=8),
+                        audio_config=audio, vision_soft_tokens_per_image=16, image_token_id=IMAGE, audio_token_id=62,
+                        boi_token_id=55, eoi_token_id=56, boa_token_id=57, eoa_token_id=58)
+    real, modeling_gemma3n.AutoModel = modeling_gemma3n.AutoModel, Auto
+    try:
+        return _eval(Gemma3nForConditionalGeneration(cfg))
+    finally:
+        modeling_gemma3n.AutoModel = real

@@ -261,6 +261,17 @@ def phi4_rule(cfg, inp: dict, modality: str) -> list[MediaItem] | None:
     return items
 
 
+def soft_tokens_rule(cfg, inp: dict, modality: str) -> list[MediaItem] | None:
+    """Gemma 3n: each image of pixel_values [N, C, H, W] is its tower's final [C, h, w] feature map, read
+    row-major as vision_soft_tokens_per_image tokens, h == w (get_image_features reshapes it so)."""
+    pv = inp.get("pixel_values")
+    n = getattr(cfg, "vision_soft_tokens_per_image", None)
+    if modality != "image" or not isinstance(pv, torch.Tensor) or pv.dim() != 4 or not isinstance(n, int):
+        return None
+    side = math.isqrt(n)
+    return [grid_item("image", (side, side)) for _ in range(pv.shape[0])] if side * side == n else None
+
+
 def _llava_next(model, cfg, inp: dict, modality: str) -> list[MediaItem] | None:
     return anyres_rule(model, cfg, inp, modality) if modality == "image" else llava_video_rule(cfg, inp)
 
@@ -300,6 +311,7 @@ RULES: dict[str, Callable] = {
     "mistral3": lambda m, c, i, mod: pixtral_rule(c, i, mod),
     "idefics2": lambda m, c, i, mod: latents_rule(c, i, mod),
     "phi4_multimodal": lambda m, c, i, mod: phi4_rule(c, i, mod),
+    "gemma3n": lambda m, c, i, mod: soft_tokens_rule(c, i, mod),
 }
 
 
