@@ -12,8 +12,11 @@ poisoned: it gives zeros, never NaN.
 Why: the kernels' online softmax would otherwise make poisoned rows NaN, 0 or finite depending on
 the backend and the path (an fp32 max that drops NaN on the GPU, a guard for fully masked rows that
 reads NaN as "no keys"). The rows are found from the inputs with a few elementwise reductions on the
-device (no host synchronisation, so compiled graphs are unaffected) and the products poisoned with
-torch.where, O(size of the inputs and products), small beside the attention itself.
+device (no host synchronisation, so compiled graphs and CUDA graphs are unaffected) and the products
+poisoned with masked_fill, O(size of the inputs and products), small beside the attention itself.
+On the CPU, where reading a value costs no synchronisation, one sum over q and k first tells
+whether anything is non-finite at all; only then are the rows found (the same result, a few ops
+per call instead of a few dozen).
 
 Shape legend: B batch, H query heads, Hk key heads, Nq queries, Nk keys, D head dim, G head groups,
 Qb query bins, Qs selected query rows.
@@ -38,21 +41,39 @@ def poisoned_rows(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, m
     bad_keys = ~((k.amax((-2, -1)) < inf) & (k.amin((-2, -1)) > -inf))            # [B, Hk]
     bad = bad | bad_keys.repeat_interleave(H // Hk, dim=1)[:, :, None]
     if mask is not None and mask_kind == 2:
-        own = mask
-        for d in range(3):  # the broadcast axes of the view: reduce one slice, broadcast the result
-            if own.stride(d) == 0:
-                own = own.narrow(d, 0, 1)
-        bad = bad | ~(own.amax(-1) < inf)  # NaN or +inf; -inf masks a key
+        # the broadcast axes of the view: reduce one slice, broadcast the result
+        bad = bad | ~(_own(mask).amax(-1) < inf)  # NaN or +inf; -inf masks a key
     if lse is not None:
         bad = bad | torch.isnan(lse) | torch.isposinf(lse)
     return bad
 
 
+def all_finite(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, mask_kind: int,
+               lse: torch.Tensor | None = None) -> torch.Tensor:
+    """bool []: True when no row is poisoned (arguments as poisoned_rows). Sufficient, not necessary:
+    NaN and inf make a sum non-finite, and a sum of finite values that overflows only says False."""
+    inf = float("inf")
+    ok = torch.isfinite(q.sum(dtype=torch.float32) + k.sum(dtype=torch.float32))
+    if mask is not None and mask_kind == 2 and mask.numel():
+        ok = ok & (_own(mask).amax() < inf)  # amax propagates NaN; -inf masks a key
+    if lse is not None and lse.numel():
+        ok = ok & (lse.amax() < inf)
+    return ok
+
+
+def _own(mask: torch.Tensor) -> torch.Tensor:
+    """A broadcast [B, H, Nq, Nk] view narrowed to one slice along its broadcast (stride 0) axes."""
+    for d in range(3):
+        if mask.stride(d) == 0:
+            mask = mask.narrow(d, 0, 1)
+    return mask
+
+
 def _bins(bad: torch.Tensor, axis, heads: torch.Tensor) -> torch.Tensor:
     """bool [B, G, bins]: which (head group, bin) of an axis plan holds a poisoned (head, query)."""
-    x = bad[:, :, axis.perm.long()][:, heads.long()].any(2).to(torch.float32)   # [B, G, slots]
+    x = bad[:, :, axis.perm][:, heads].any(2).to(torch.float32)   # [B, G, slots]
     hit = torch.zeros(x.shape[:2] + (axis.nbins,), dtype=torch.float32, device=x.device)
-    return hit.index_add_(2, axis.bin_of_slot.long(), x) > 0
+    return hit.index_add_(2, axis.bin_of_slot, x) > 0
 
 
 def poison(bad: torch.Tensor, out: torch.Tensor | None, plans: Sequence, tables: Sequence,
@@ -69,12 +90,23 @@ def poison(bad: torch.Tensor, out: torch.Tensor | None, plans: Sequence, tables:
         per_query = None
         for kind in product_shapes(plan, 1):
             x = next(items)
-            if kind in ("map", "tokens", "entropy", "peak"):
-                per_query = _bins(bad, t.query, t.heads) if per_query is None else per_query
-                hit = per_query if x.dim() == 3 else per_query[..., None]
-            elif kind == "rows":
+            if kind == "rows":
                 hit = _bins(bad, t.rows, t.heads)[..., None]
-            else:  # colsum: a sum over every query of the range
-                hit = _bins(bad, t.query, t.heads).any(-1)[..., None]
-            done.append(torch.where(hit, torch.full((), float("nan"), device=x.device), x))
+            else:
+                per_query = _bins(bad, t.query, t.heads) if per_query is None else per_query
+                if kind == "colsum":  # a sum over every query of the range
+                    hit = per_query.any(-1)[..., None]
+                else:  # map, tokens, entropy, peak: per query bin
+                    hit = per_query if x.dim() == 3 else per_query[..., None]
+            done.append(x.masked_fill(hit, float("nan")))
     return done
+
+
+def enforce(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, mask_kind: int, lse: torch.Tensor | None,
+            out: torch.Tensor | None, call, products: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The policy for one call of attncap's ops: poisoned_rows, then poison (``call`` holds the plans
+    and their tables, as attncap.ops builds them). On the CPU, all_finite decides on the host first
+    whether there is anything to poison; on other devices a call never reads a value on the host."""
+    if q.device.type == "cpu" and bool(all_finite(q, k, mask, mask_kind, lse)):
+        return products
+    return poison(poisoned_rows(q, k, mask, mask_kind, lse), out, call.plans, call.tables, products)

@@ -1,10 +1,12 @@
 """attncap.attention and attncap.maps_from_lse: the kernel-level entry points, as torch custom ops.
 
 A public function checks its arguments in plain Python on shapes, dtypes and request fields (never a
-tensor's values), turns the requests into Plans (attncap.validate) and calls a custom op,
-``torch.ops.attncap.attention`` or ``torch.ops.attncap.maps_from_lse``, with the plans as text. The
-op's implementation finds the plans' index tensors in a cache per (plans, device), built on a
-call's first use, and runs the forward and the map pass: on CUDA as Triton kernels, on CPU as
+tensor's values), turns the requests into Plans (attncap.validate; cached per equal request and
+call sizes, so a repeated request costs a lookup) and calls a custom op,
+``torch.ops.attncap.attention`` or ``torch.ops.attncap.maps_from_lse``, with the plans as text
+(plain eager calls run the op's implementation directly: see _plain_eager). The implementation
+finds the plans' index tensors in a cache per (plans, device), built on a call's first use, and
+runs the forward and the map pass: on CUDA as Triton kernels, on CPU as
 chunked PyTorch (attncap.cpu_path) unless backend="triton" asks for the kernels, which on CPU needs
 TRITON_INTERPRET=1 (for tests). Its fake implementation gives every output's shape from the text
 alone. So under torch.compile the whole call is one node of the graph (fullgraph=True works for
@@ -25,8 +27,9 @@ import torch
 
 from . import cpu_path, nonfinite
 from .layouts import AxisPlan, AxisSpec
-from .request import MapRequest
-from .validate import Plan, check_masks, check_request, check_tensors, mask_views, product_shapes, selected_union
+from .request import MapRequest, request_key
+from .validate import (Plan, Shapes, check_masks, check_request, check_tensors, mask_views, product_shapes,
+                       selected_union)
 
 BACKENDS = ("auto", "triton", "torch")
 PLAN_CACHE_SIZE = 256  # calls of distinct plans whose index tensors stay cached per process
@@ -60,11 +63,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     softcap = _check_softcap(softcap)
     _check_backend(backend, q.device)
     single = request is None or isinstance(request, MapRequest)
-    plans = tuple(check_request(r, shapes) for r in (() if request is None else (request,) if single else request))
-    selected_union(plans)  # refuses too many distinct keys before any work
-    flat = torch.ops.attncap.attention(q, k, v, attn_mask, key_padding_mask, scale, bool(is_causal), layout,
-                                       backend, _encode(plans), softcap)
-    results = _unflatten(plans, flat[1:])
+    call = _checked(() if request is None else (request,) if single else tuple(request), shapes)
+    args = (q, k, v, attn_mask, key_padding_mask, scale, bool(is_causal), layout, backend, call.text, softcap)
+    flat = _attention_impl(*args) if _plain_eager(q, k, v, attn_mask, key_padding_mask) \
+        else torch.ops.attncap.attention(*args)
+    results = _unflatten(call, flat[1:])
     if single:
         return flat[0], results[0] if results else {}
     return flat[0], results
@@ -97,17 +100,32 @@ def maps_from_lse(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: fl
     softcap = _check_softcap(softcap)
     _check_backend(backend, q.device)
     single = isinstance(request, MapRequest)
-    plans = tuple(check_request(r, shapes) for r in ((request,) if single else request))
-    for plan in plans:
+    call = _checked((request,) if single else tuple(request), shapes)
+    for plan in call.plans:
         forward_only = [name for name, asked in (("keys", plan.selected is not None), ("entropy", "entropy" in plan.stats),
                                                  ("peak", "peak" in plan.stats)) if asked]
         if forward_only:
             raise ValueError(f"request asks for {forward_only}, which come from the forward pass; maps_from_lse "
                              "computes map, rows (queries=) and colsum: use attncap.attention for the others")
-    flat = torch.ops.attncap.maps_from_lse(q, k, lse, attn_mask, key_padding_mask, scale, bool(is_causal), layout,
-                                           backend, _encode(plans), softcap)
-    results = _unflatten(plans, flat)
+    args = (q, k, lse, attn_mask, key_padding_mask, scale, bool(is_causal), layout, backend, call.text, softcap)
+    flat = _maps_from_lse_impl(*args) if _plain_eager(q, k, lse, attn_mask, key_padding_mask) \
+        else torch.ops.attncap.maps_from_lse(*args)
+    results = _unflatten(call, flat)
     return results[0] if single else results
+
+
+def _plain_eager(*tensors: torch.Tensor | None) -> bool:
+    """Whether a call may run the custom op's implementation directly: plain eager tensors that need
+    no gradient, and nothing that would see, trace or transform the op (torch.compile and export,
+    dispatch modes such as FakeTensorMode, torch function modes, jit tracing, functorch transforms,
+    the profiler). The implementation is then exactly what the op would run, without the op's Python
+    dispatch layers (autograd fallback, redispatch, Dynamo's disable wrapper): tens of microseconds a
+    call on a CPU, as much as the rest of the host work of a small call."""
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
+            or torch._C._get_tracing_state() is not None or torch.autograd._profiler_enabled()
+            or torch._C._functorch.peek_interpreter_stack() is not None):
+        return False
+    return all(t is None or (type(t) is torch.Tensor and not t.requires_grad) for t in tensors)
 
 
 def _check_scale(scale: float | None, d: int) -> float:
@@ -135,6 +153,54 @@ def _check_backend(name: str, device: torch.device) -> None:
                          "use backend='torch' (the chunked CPU path) or move the tensors to CUDA")
 
 
+@dataclass(frozen=True)
+class _Call:
+    """A call's requests, validated: their plans, the plans as the ops' text argument, and each plan's
+    product names in the order the ops return them."""
+    plans: tuple[Plan, ...]
+    text: str
+    names: tuple[tuple[str, ...], ...]
+
+
+class _Requests:
+    """Requests keyed by their request_key, so the lru cache of _validated finds an equal request's
+    validation (capture makes a new MapRequest per call); the objects ride along for a miss."""
+    __slots__ = ("requests", "key", "hash")
+
+    def __init__(self, requests: tuple[MapRequest, ...], key: tuple):
+        self.requests, self.key, self.hash = requests, key, hash(key)
+
+    def __hash__(self) -> int:
+        return self.hash
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Requests) and self.key == other.key
+
+
+def _checked(requests: tuple[MapRequest, ...], shapes: Shapes) -> _Call:
+    """Validate ``requests`` against the call's sizes (raising before any work). Validation reads only
+    the requests' fields and the sizes, so requests with equal keys (attncap.request.request_key) at
+    equal sizes reuse one validation: a dictionary lookup per call. Requests without a key (a tensor
+    of keys, numpy ints) are validated every call; under torch.compile the checks are traced as
+    plain Python, as before, with no cache for Dynamo to guard on."""
+    if not torch.compiler.is_compiling():
+        keys = tuple(request_key(r) for r in requests)
+        if None not in keys:
+            return _validated(_Requests(requests, keys), shapes)
+    return _validate(requests, shapes)
+
+
+def _validate(requests: tuple[MapRequest, ...], shapes: Shapes) -> _Call:
+    plans = tuple(check_request(r, shapes) for r in requests)
+    selected_union(plans)  # refuses too many distinct keys before any work
+    return _Call(plans, _encode(plans), tuple(tuple(product_shapes(p, 1)) for p in plans))
+
+
+@functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
+def _validated(requests: _Requests, shapes: Shapes) -> _Call:
+    return _validate(requests.requests, shapes)
+
+
 def _encode(plans: tuple[Plan, ...]) -> str:
     """The plans as a Python literal: the custom ops take them as a string argument."""
     return repr(tuple(p.wire() for p in plans))
@@ -145,11 +211,10 @@ def _decode(text: str) -> tuple[Plan, ...]:
     return tuple(Plan.from_wire(t) for t in ast.literal_eval(text))
 
 
-def _unflatten(plans: tuple[Plan, ...], flat: Sequence[torch.Tensor]) -> list[Products]:
+def _unflatten(call: _Call, flat: Sequence[torch.Tensor]) -> list[Products]:
     """The op's flat list of products back into one dict per request, in product_shapes' order."""
     results, at = [], 0
-    for plan in plans:
-        names = list(product_shapes(plan, 1))
+    for names in call.names:
         results.append(dict(zip(names, flat[at:at + len(names)])))
         at += len(names)
     return results
@@ -165,26 +230,29 @@ class _Tables:
     rows: AxisPlan | None
     one_bin: AxisPlan | None      # the query range as a single bin: colsum without a map
     heads: torch.Tensor           # int32 [G, HPG]
-    columns: torch.Tensor | None  # int64 [Ks]: each selected key's column among the forward's token columns
+    columns: torch.Tensor | None  # int64 [Ks]: each selected key's column among the forward's token columns,
+                                  # None when the plan selects every column in order
+    query_span: tuple[int, int]   # (start, length) of the query range
+    query_bin: torch.Tensor | None  # int32 [length]: query bin of each token of the range in token order
+                                    # (None: unpooled, one token per bin)
+    mean_of: int                  # n when the plan's one group is heads 0..n-1 (0 otherwise): for a
+                                  # call of n heads, a mean over the head dim
 
 
 @dataclass(frozen=True)
 class _CallTables:
+    """Everything a call of the ops needs beyond its tensors, built once per (plans, device)."""
+    plans: tuple[Plan, ...]
     tables: tuple[_Tables, ...]
     selected: torch.Tensor | None  # int32 [S]: the sorted union of selected keys
+    jobs: tuple[tuple[AxisPlan, AxisPlan, torch.Tensor], ...]  # every map-pass call, in _products' order
+    want_stats: bool               # some plan asks for entropy or peak
 
 
-_TABLES: OrderedDict[tuple[str, torch.device], _CallTables] = OrderedDict()
-
-
+@functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
 def _tables(text: str, device: torch.device) -> _CallTables:
     """The index tensors of a call's plans on ``device``: built (and copied there) on first use,
-    then found by a dictionary lookup, so later calls copy nothing to the device and never wait on it."""
-    key = (text, device)
-    found = _TABLES.get(key)
-    if found is not None:
-        _TABLES.move_to_end(key)
-        return found
+    then found by a cache lookup, so later calls copy nothing to the device and never wait on it."""
     plans = _decode(text)
     union = selected_union(plans)
 
@@ -195,20 +263,22 @@ def _tables(text: str, device: torch.device) -> _CallTables:
             n = q.stop - q.start
             one_bin = AxisSpec(q.start, q.stop, (n,), (n,)).plan().to(device)
         columns = None
-        if plan.selected is not None:
+        if plan.selected is not None and plan.selected != union:
             columns = torch.tensor([union.index(k) for k in plan.selected], dtype=torch.int64).to(device)
-        return _Tables(q.plan().to(device), plan.key.plan().to(device),
+        query = q.plan()
+        query_bin = None
+        if query.pooled:  # invert the bin-major order: the bin of each token, in token order
+            query_bin = torch.empty_like(query.bin_of_slot)
+            query_bin[query.perm - q.start] = query.bin_of_slot
+            query_bin = query_bin.to(device)
+        return _Tables(query.to(device), plan.key.plan().to(device),
                        None if plan.rows is None else plan.rows.plan().to(device), one_bin,
-                       torch.tensor(plan.heads, dtype=torch.int32).to(device), columns)
+                       torch.tensor(plan.heads, dtype=torch.int32).to(device), columns, (q.start, q.nslots), query_bin,
+                       len(plan.heads[0]) if plan.heads == (tuple(range(len(plan.heads[0]))),) else 0)
 
-    built = _CallTables(tuple(table(p) for p in plans),
-                        None if union is None else torch.tensor(union, dtype=torch.int32).to(device))
-    _TABLES[key] = built
-    if len(_TABLES) > PLAN_CACHE_SIZE:
-        _TABLES.popitem(last=False)
-    return built
-
-
+    tables = tuple(table(p) for p in plans)
+    return _CallTables(plans, tables, None if union is None else torch.tensor(union, dtype=torch.int32).to(device),
+                       tuple(_map_jobs(plans, tables)), any(s in p.stats for p in plans for s in ("entropy", "peak")))
 def _impl(name: str, device: torch.device) -> ModuleType:
     if name == "torch" or (name == "auto" and device.type != "cuda"):
         return cpu_path
@@ -233,34 +303,34 @@ def _map_jobs(plans: Sequence[Plan], tables: Sequence[_Tables]) -> list[tuple[Ax
     return jobs
 
 
-@torch.library.custom_op("attncap::attention", mutates_args=())
-def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
-                  key_padding_mask: torch.Tensor | None, scale: float, is_causal: bool, layout: str, backend: str,
-                  plans: str, softcap: float | None = None) -> list[torch.Tensor]:
+def _attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                    key_padding_mask: torch.Tensor | None, scale: float, is_causal: bool, layout: str, backend: str,
+                    plans: str, softcap: float | None = None) -> list[torch.Tensor]:
     """[out, then each plan's products in product_shapes' order]. Arguments as checked by attention()."""
     q4, k4, v4 = (_bhsd(x, layout) for x in (q, k, v))
     B, H, Nq, _ = q4.shape
-    call, decoded = _tables(plans, q.device), _decode(plans)
+    call = _tables(plans, q.device)
     mask, mask_kind, kpm = mask_views(attn_mask, key_padding_mask, (B, H, Nq, k4.shape[2]))
     masks = dict(mask=mask, mask_kind=mask_kind, key_padding=kpm, is_causal=is_causal, softcap=softcap)
     out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)  # q's layout
     if B == 0:  # an empty batch gives empty results, as SDPA does, on every backend
         return [out] + _fake_products(q, plans)
-    want_stats = any(s in p.stats for p in decoded for s in ("entropy", "peak"))
-    jobs = _map_jobs(decoded, call.tables)
     impl = _impl(backend, q.device)
     if impl is cpu_path:
         # The CPU path reduces every map in the forward's own pass.
         lse, tokens, ent, peak, maps = impl.forward(q4, k4, v4, _bhsd(out, layout), scale, selected=call.selected,
-                                                    want_stats=want_stats, maps=jobs, **masks)
+                                                    want_stats=call.want_stats, maps=call.jobs, **masks)
     else:
         lse, tokens, ent, peak = impl.forward(q4, k4, v4, _bhsd(out, layout), scale, selected=call.selected,
-                                              want_stats=want_stats, **masks)
-        maps = [impl.map_pass(q4, k4, lse, scale, qp, kp, heads, **masks) for qp, kp, heads in jobs]
+                                              want_stats=call.want_stats, **masks)
+        maps = [impl.map_pass(q4, k4, lse, scale, qp, kp, heads, **masks) for qp, kp, heads in call.jobs]
     done = iter(maps)
-    products = [x for p, t in zip(decoded, call.tables) for x in _products(p, t, done, tokens, ent, peak)]
-    bad = nonfinite.poisoned_rows(q4, k4, mask, mask_kind)  # one NaN policy for every backend
-    return [out] + nonfinite.poison(bad, _bhsd(out, layout), decoded, call.tables, products)
+    products = [x for p, t in zip(call.plans, call.tables) for x in _products(p, t, done, tokens, ent, peak)]
+    # one NaN policy for every backend
+    return [out] + nonfinite.enforce(q4, k4, mask, mask_kind, None, _bhsd(out, layout), call, products)
+
+
+_attention_op = torch.library.custom_op("attncap::attention", _attention_impl, mutates_args=())
 
 
 @_attention_op.register_fake
@@ -269,27 +339,28 @@ def _attention_fake(q, k, v, attn_mask, key_padding_mask, scale, is_causal, layo
     return [out] + _fake_products(q, plans)
 
 
-@torch.library.custom_op("attncap::maps_from_lse", mutates_args=())
-def _maps_from_lse_op(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, attn_mask: torch.Tensor | None,
-                      key_padding_mask: torch.Tensor | None, scale: float, is_causal: bool, layout: str, backend: str,
-                      plans: str, softcap: float | None = None) -> list[torch.Tensor]:
+def _maps_from_lse_impl(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, attn_mask: torch.Tensor | None,
+                        key_padding_mask: torch.Tensor | None, scale: float, is_causal: bool, layout: str,
+                        backend: str, plans: str, softcap: float | None = None) -> list[torch.Tensor]:
     """Each plan's products in product_shapes' order. Arguments as checked by maps_from_lse()."""
     q4, k4 = _bhsd(q, layout), _bhsd(k, layout)
     B, H, Nq, _ = q4.shape
-    call, decoded = _tables(plans, q.device), _decode(plans)
+    call = _tables(plans, q.device)
     mask, mask_kind, kpm = mask_views(attn_mask, key_padding_mask, (B, H, Nq, k4.shape[2]))
     masks = dict(mask=mask, mask_kind=mask_kind, key_padding=kpm, is_causal=is_causal, softcap=softcap)
-    jobs = _map_jobs(decoded, call.tables)
     impl = _impl(backend, q.device)
     if B == 0:
         return _fake_products(q, plans)
     if impl is cpu_path:
-        maps = cpu_path.maps_from_lse(q4, k4, lse, scale, jobs, **masks)
+        maps = cpu_path.maps_from_lse(q4, k4, lse, scale, call.jobs, **masks)
     else:
-        maps = [impl.map_pass(q4, k4, lse, scale, qp, kp, heads, **masks) for qp, kp, heads in jobs]
+        maps = [impl.map_pass(q4, k4, lse, scale, qp, kp, heads, **masks) for qp, kp, heads in call.jobs]
     done = iter(maps)
-    products = [x for p, t in zip(decoded, call.tables) for x in _products(p, t, done, None, None, None)]
-    return nonfinite.poison(nonfinite.poisoned_rows(q4, k4, mask, mask_kind, lse), None, decoded, call.tables, products)
+    products = [x for p, t in zip(call.plans, call.tables) for x in _products(p, t, done, None, None, None)]
+    return nonfinite.enforce(q4, k4, mask, mask_kind, lse, None, call, products)
+
+
+_maps_from_lse_op = torch.library.custom_op("attncap::maps_from_lse", _maps_from_lse_impl, mutates_args=())
 
 
 @_maps_from_lse_op.register_fake
@@ -306,32 +377,36 @@ def _fake_products(q: torch.Tensor, plans: str) -> list[torch.Tensor]:
 def _products(plan: Plan, t: _Tables, maps: Iterator[torch.Tensor], tokens, ent, peak) -> list[torch.Tensor]:
     """One plan's products in product_shapes' order: maps from ``maps`` (in _map_jobs' order), the
     rest from the forward's per-head, per-query outputs. Contiguous, as the fake implementation says."""
-    got: Products = {}
+    got: list[torch.Tensor] = []
     if plan.want_map:
-        got["map"] = next(maps)
+        got.append(next(maps))
     if plan.selected is not None:
-        got["tokens"] = reduce_per_query(tokens[..., t.columns], t)
+        got.append(reduce_per_query(tokens if t.columns is None else tokens[..., t.columns], t))
     if plan.rows is not None:
-        got["rows"] = next(maps)
+        got.append(next(maps))
     if "entropy" in plan.stats:
-        got["entropy"] = reduce_per_query(ent, t)
+        got.append(reduce_per_query(ent, t))
     if "peak" in plan.stats:
-        got["peak"] = reduce_per_query(peak, t)
+        got.append(reduce_per_query(peak, t))
     if "colsum" in plan.stats:
         # Attention received per key bin, summed over the query range: from the map when there is one
         # (sum over query bins of mean x bin count, exact), else from the query range as one bin.
-        if "map" in got:
-            got["colsum"] = (got["map"] * t.query.counts[:, None]).sum(2)
+        if plan.want_map:
+            got.append((got[0] * t.query.counts[:, None]).sum(2))
         else:
-            got["colsum"] = next(maps)[:, :, 0] * float(t.one_bin.nslots)
-    return [got[name].contiguous() for name in product_shapes(plan, 1)]
+            got.append(next(maps)[:, :, 0] * float(t.one_bin.nslots))
+    return [x.contiguous() for x in got]
 
 
 def reduce_per_query(x: torch.Tensor, t: _Tables) -> torch.Tensor:
-    """Per-head, per-query values [B, H, Nq, ...] -> head groups and query bins [B, G, Qb, ...]."""
+    """Per-head, per-query values [B, H, Nq, ...] -> head groups and query bins [B, G, Qb, ...]:
+    the query range's tokens averaged over each head group, then over each query bin (index_add_
+    in token order, so each bin sums its tokens in the order the bin-major slots list them)."""
+    x = x.narrow(2, *t.query_span)
+    x = x.mean(1, keepdim=True) if t.mean_of == x.shape[1] else x[:, t.heads].mean(2)
+    if t.query_bin is None:
+        return x
     axis = t.query
-    x = x[:, :, axis.perm]
-    x = x[:, t.heads].mean(2)
     pooled = torch.zeros((x.shape[0], x.shape[1], axis.nbins) + tuple(x.shape[3:]), dtype=x.dtype, device=x.device)
-    pooled.index_add_(2, axis.bin_of_slot, x)
+    pooled.index_add_(2, t.query_bin, x)
     return pooled / axis.counts.reshape((1, 1, -1) + (1,) * (x.dim() - 3))

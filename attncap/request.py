@@ -24,8 +24,8 @@ NaN / inf in v reaches out only. An empty batch (B = 0) gives empty out and prod
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Sequence, Union
+from dataclasses import dataclass, field, fields
+from typing import Any, Sequence, Union
 
 HeadSpec = Union[str, Sequence[int]]
 Grid = Union[Sequence[int], None]
@@ -74,3 +74,40 @@ class MapRequest:
         if self.map is not None:
             return bool(self.map)
         return self.keys is None and self.queries is None and not self.stats
+
+
+
+_BOOLS = {True: object(), False: object()}  # bools as tokens no int equals (True == 1 in Python)
+_SEQUENCE = object()                        # tags a list or tuple: (1, 2) is not the int 1 and 2
+
+
+class _Uncacheable(Exception):
+    pass
+
+
+def _frozen(x: Any) -> Any:
+    """``x`` as a hashable key equal to another's only when validation reads both alike."""
+    t = type(x)
+    if t is int or t is str or x is None:
+        return x
+    if t is bool:
+        return _BOOLS[x]
+    if t is tuple or t is list:  # validation reads a list as the tuple of its items
+        return _SEQUENCE, tuple(_frozen(i) for i in x)
+    raise _Uncacheable  # tensors, numpy values, floats, ranges, iterators, subclasses: no cheap promise
+
+
+def request_key(request: Any) -> tuple | None:
+    """A key for caching ``request``'s validation: two requests have equal keys only when their fields
+    hold equal values of the same types, so the Plan validated for one is the other's Plan. None for a
+    request to validate afresh every time: not exactly a MapRequest, or a field of another type (a
+    tensor of keys, numpy ints, a float max_bytes...)."""
+    if type(request) is not MapRequest:
+        return None
+    try:
+        return tuple(_frozen(getattr(request, name)) for name in _FIELDS)
+    except _Uncacheable:
+        return None
+
+
+_FIELDS = tuple(f.name for f in fields(MapRequest))
