@@ -166,6 +166,7 @@ class CaptureSession:
     backend: str = "auto"
     ledger: Ledger = field(default_factory=Ledger)
     cp_store: str = "rank0"   # under context parallelism: the store on rank 0 only, or on "all" ranks
+    _requests: dict = field(default_factory=dict, repr=False)  # requests_for's cache
 
     def entered(self, layer: str) -> None:
         """A selected layer runs on a captured step (its attention calls should follow)."""
@@ -188,7 +189,23 @@ class CaptureSession:
             self.store.set_call_tokens(call, tokens)
 
     def requests_for(self, layout: CallLayout, default_relations: Sequence[str]):
-        """MapRequests for the relations of this call that the user asked for, with their segments."""
+        """MapRequests for the relations of this call that the user asked for, with their segments.
+
+        Kept per (layout, default relations) while they depend on nothing else (tokens= as prompt words
+        depend on the call's prompt): a layer's calls at every step reuse the same requests, whose
+        checks attncap.attention then finds done."""
+        words = self.config.tokens is not None and any(isinstance(t, str) for t in self.config.tokens)
+        key = None if words else (layout, tuple(default_relations))
+        found = self._requests.get(key) if key is not None else None
+        if found is None:
+            found = self._build_requests(layout, default_relations)
+            if key is not None:
+                if len(self._requests) >= 512:  # layouts change with shapes: keep the cache bounded
+                    self._requests.clear()
+                self._requests[key] = found
+        return found
+
+    def _build_requests(self, layout: CallLayout, default_relations: Sequence[str]):
         out = []
         cfg = self.config
         for qseg, kseg in layout.relations():

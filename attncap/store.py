@@ -86,6 +86,8 @@ class Store:
     """Captured records, optionally offloaded to CPU, budgeted by max_bytes and spilled to disk.
 
     offload:   "cpu" (or a CUDA device) moves each record's data there on add; None keeps its device.
+               From CUDA to "cpu" the copy goes into pinned memory without waiting (the captured call
+               makes no host synchronisation); reading ``records`` waits for the copies still running.
     max_bytes: adding past this raises BudgetExceeded; records already stored stay.
     spill_dir: each record is appended at once (as safetensors bytes) to records/spill-NNNNN.stream and
                one line to index.jsonl, so a killed run still loads with attncap.load(spill_dir);
@@ -100,7 +102,8 @@ class Store:
 
         self.offload = check_offload(offload)
         self.max_bytes = max_bytes
-        self.records: list[Record] = []
+        self._records: list[Record] = []
+        self._pending: list[torch.cuda.Event] = []  # device-to-host copies not known to be done
         self._nbytes = 0
         self._entries: list[str] = []  # JSON index entries of spilled records
         self.spill_dir = None if check_spill_dir(spill_dir) is None else Path(spill_dir)
@@ -150,11 +153,20 @@ class Store:
             self._log.append({"tokens": value, "call": call})
 
     @property
+    def records(self) -> list[Record]:
+        """The records in filing order (after the copies to the host still running are done)."""
+        if self._pending:
+            for event in self._pending:
+                event.synchronize()
+            self._pending.clear()
+        return self._records
+
+    @property
     def nbytes(self) -> int:
         return self._nbytes
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self._records)
 
     def __iter__(self) -> Iterator[Record]:
         return iter(self.records)
@@ -175,14 +187,27 @@ class Store:
                 f"store holds {self._nbytes} bytes; record {record.layer!r} {record.kind} step {record.step} needs "
                 f"{size} more, past max_bytes={self.max_bytes}. Use pool=, heads='mean', tokens=, fewer steps or "
                 "layers, or a larger max_bytes")
-        data = record.data.detach().to(device=self.offload or record.data.device, dtype=torch.float32).contiguous()
-        if data.untyped_storage().nbytes() > data.nbytes:
-            data = data.clone()  # a view (e.g. one CFG half) would keep its whole base alive
+        data = record.data.detach()
+        if self.offload == "cpu" and data.is_cuda and self._log is None:
+            data = self._copy_to_host(data)
+        else:
+            data = data.to(device=self.offload or data.device, dtype=torch.float32).contiguous()
+            if data.untyped_storage().nbytes() > data.nbytes:
+                data = data.clone()  # a view (e.g. one CFG half) would keep its whole base alive
         record.data = data
         if self._log is not None:
             self._spill(record)
-        self.records.append(record)
+        self._records.append(record)
         self._nbytes += record.nbytes
+
+    def _copy_to_host(self, data: torch.Tensor) -> torch.Tensor:
+        """``data`` as float32 in fresh pinned host memory, copied on the current stream without waiting."""
+        host = torch.empty(data.shape, dtype=torch.float32, pin_memory=True)
+        host.copy_(data.to(torch.float32), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending.append(event)
+        return host
 
     def _spill(self, record: Record) -> None:
         fields = _fields(record)

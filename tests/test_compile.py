@@ -159,6 +159,40 @@ def test_cuda_call_makes_no_host_sync():
 
 
 @needs_cuda
+@pytest.mark.parametrize("compiled", [False, True])
+def test_cuda_captured_model_call_makes_no_host_sync(compiled):
+    """A captured diffusers model call on CUDA, after a warm-up call: its blocks (every captured
+    attention call, the filing into a CPU store by a non-blocking copy to pinned memory) make no host
+    synchronisation. The denoiser's pre-hook reads the timestep on the host once per model call, so
+    the sync debug mode is on from the first block to the last."""
+    model, inputs = _wan(2)
+    model = model.cuda()
+    inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    if compiled:
+        model.compile(backend="aot_eager")
+    eager_store = _captured_run(model, inputs)[1]
+
+    def strict(*_):
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+
+    def relaxed(*_):
+        torch.cuda.set_sync_debug_mode("default")
+
+    hooks = [model.blocks[0].register_forward_pre_hook(strict), model.blocks[-1].register_forward_hook(relaxed)]
+    try:
+        outs, store = _captured_run(model, inputs)
+    finally:
+        relaxed()
+        for hook in hooks:
+            hook.remove()
+    assert len(store.records) == len(eager_store.records) > 0
+    for r, e in zip(store.records, eager_store.records):
+        assert r.data.device.type == "cpu"
+        torch.testing.assert_close(r.data, e.data, atol=1e-5, rtol=1e-5)
+
+
+@needs_cuda
 def test_cuda_graph_replays_a_captured_call():
     """Static inputs, one warm-up call, capture, then replay with new input values: the graph's
     output and product buffers hold what an eager call on those values returns."""

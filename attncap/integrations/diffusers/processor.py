@@ -16,6 +16,7 @@ probabilities come from a method attncap wraps per call, run eagerly between gra
 from __future__ import annotations
 
 import inspect
+from contextlib import nullcontext
 from typing import Any, Callable
 
 import torch
@@ -176,8 +177,9 @@ class CaptureProcessor:
         # classic processors compute their probabilities in get_attention_scores, wrapped per call
         names = type(original).__call__.__code__.co_names
         self.traceable = "get_attention_scores" not in names
-        # A traced SDPA mode would also trace every tensor method the processor calls through Python
-        # (Tensor.unflatten breaks the graph): only processors that do not use the dispatcher get it.
+        # The SDPA mode sees every torch call while it is on (eagerly ~40 us each, attncap's own compute
+        # included; traced, Tensor.unflatten breaks the graph): only processors that do not call the
+        # dispatcher get it (no diffusers processor calls both).
         self.calls_sdpa = "dispatch_attention_fn" not in names
 
     def __getattr__(self, name: str) -> Any:
@@ -203,7 +205,7 @@ class CaptureProcessor:
         """A captured call run eagerly (under torch.compile only for classic processors: between two graphs)."""
         handler = CallHandler(self)
         self.session.entered(self.layer)
-        with handling(handler), intercept_sdpa(), classic_scores(attn, handler):
+        with handling(handler), intercept_sdpa() if self.calls_sdpa else nullcontext(), classic_scores(attn, handler):
             return self.original(attn, *args, **kwargs)
 
     def _traced(self, attn, *args, **kwargs):
