@@ -18,11 +18,12 @@ pytest.importorskip("transformers")
 
 import attncap  # noqa: E402
 from test_capture_vlm_families import _local_tower, eager  # noqa: E402
-from tiny_vlms import AUDIO, IMAGE, PAD, VIDEO, gemma3n, idefics2, llava_next_video, llava_onevision, mllama, mllama_inputs, \
-    phi4mm, phi4mm_inputs, qwen2_5_omni, qwen3_omni, qwen3_vl_moe, qwen_media, tiles_inputs, video_inputs  # noqa: E402
+from tiny_vlms import AUDIO, IMAGE, PAD, VIDEO, gemma3n, glm4v, idefics2, llava_next_video, llava_onevision, mllama, mllama_inputs, \
+    phi4mm, phi4mm_inputs, qwen2_5_omni, qwen3_omni, qwen3_vl, qwen3_vl_moe, qwen_media, tiles_inputs, video_inputs  # noqa: E402
 
 LM = re.compile(r"(?:language_model\.|text_model\.|^model\.)layers\.(\d+)\.(self_attn|cross_attn)$")
-THW = {"qwen2_5_omni": qwen2_5_omni, "qwen3_omni": qwen3_omni, "qwen3_vl_moe": qwen3_vl_moe}
+THW = {"qwen2_5_omni": qwen2_5_omni, "qwen3_omni": qwen3_omni, "qwen3_vl": qwen3_vl, "qwen3_vl_moe": qwen3_vl_moe,
+       "glm4v": glm4v}
 
 
 def zero_blocks(model, pattern: str) -> None:
@@ -51,11 +52,11 @@ def records_map(store, layer: str, step: int = 0) -> tuple[torch.Tensor, list]:
     return full, keys
 
 
-def thw_expected(ids: torch.Tensor) -> list[tuple[str, list[int], tuple | None]]:
+def thw_expected(ids: torch.Tensor, video_id: int = VIDEO) -> list[tuple[str, list[int], tuple | None]]:
     """Image 8x12 patches merged 2x2 -> (4, 6); video 2 temporal patches of 4x6 -> (2, 2, 3); audio: time."""
     row = ids[0]
-    out = [("image", (row == IMAGE).nonzero().flatten().tolist(), (4, 6)),
-           ("video", (row == VIDEO).nonzero().flatten().tolist(), (2, 2, 3)),
+    out = [("image", (row == IMAGE).nonzero().flatten().tolist() if video_id != IMAGE else [], (4, 6)),
+           ("video", (row == video_id).nonzero().flatten().tolist(), (2, 2, 3)),
            ("audio", (row == AUDIO).nonzero().flatten().tolist(), None)]
     return [seg for seg in out if seg[1]]
 
@@ -117,16 +118,26 @@ def check_generate(model, inputs, layer, want: list[tuple[str, tuple | None]]) -
 
 
 # ----------------------------------------------------------------------------------- Qwen thw families
+def thw_prompts(name: str, model) -> list[tuple[dict, list]]:
+    """(inputs, expected segments) per prompt: one with image, video (and audio for the Omni thinkers);
+    GLM-4V takes an image prompt and a video prompt, its frames written with the image token."""
+    inputs = qwen_media(model, mel_frames=40 if "omni" in name else None)
+    if name == "glm4v":
+        video = inputs.pop("video")
+        return [(inputs, thw_expected(inputs["input_ids"])), (video, thw_expected(video["input_ids"], video_id=IMAGE))]
+    return [(inputs, thw_expected(inputs["input_ids"]))]
+
+
 @pytest.fixture(scope="module", params=sorted(THW))
 def thw(request):
     model = THW[request.param]()
-    audio = request.param != "qwen3_vl_moe"
-    return request.param, model, qwen_media(model, mel_frames=40 if audio else None)
+    return request.param, model, thw_prompts(request.param, model)
 
 
 def test_thw_lm_maps_equal_eager_with_image_video_audio_segments(thw):
-    name, model, inputs = thw
-    check_lm_against_eager(model, inputs, thw_expected(inputs["input_ids"]))
+    name, model, prompts = thw
+    for inputs, expected in prompts:
+        check_lm_against_eager(model, inputs, expected)
 
 
 def _merge_row(r: int, c: int, w: int, m: int = 2) -> int:
@@ -135,22 +146,24 @@ def _merge_row(r: int, c: int, w: int, m: int = 2) -> int:
 
 
 def test_thw_planted_patch_moves_its_image_and_video_cell(thw):
-    name, model, inputs = thw
+    name, model, prompts = thw
     _local_tower(model)
     layer = lm_layers(model)[0]
-    img = dict(inputs, pixel_values=inputs["pixel_values"].clone())
-    img["pixel_values"][_merge_row(5, 9, 12)] += 30  # patch (5, 9) of 8x12 -> token (2, 4) of (4, 6)
-    assert planted_cell(model, inputs, img, layer, "text->image") == (0, 2 * 6 + 4)
-    vid = dict(inputs, pixel_values_videos=inputs["pixel_values_videos"].clone())
-    vid["pixel_values_videos"][24 + _merge_row(3, 1, 6)] += 30  # frame 1, patch (3, 1) -> (1, 1, 0) of (2, 2, 3)
-    assert planted_cell(model, inputs, vid, layer, "text->video") == (0, 1 * 6 + 1 * 3 + 0)
+    img = next(p for p, _ in prompts if "pixel_values" in p)
+    vid = next(p for p, _ in prompts if "pixel_values_videos" in p)
+    planted = dict(img, pixel_values=img["pixel_values"].clone())
+    planted["pixel_values"][_merge_row(5, 9, 12)] += 30  # patch (5, 9) of 8x12 -> token (2, 4) of (4, 6)
+    assert planted_cell(model, img, planted, layer, "text->image") == (0, 2 * 6 + 4)
+    planted = dict(vid, pixel_values_videos=vid["pixel_values_videos"].clone())
+    planted["pixel_values_videos"][24 + _merge_row(3, 1, 6)] += 30  # frame 1, patch (3, 1) -> (1, 1, 0) of (2, 2, 3)
+    assert planted_cell(model, vid, planted, layer, "text->video") == (0, 1 * 6 + 1 * 3 + 0)
 
 
 def test_thw_generate_same_ids_and_grids_kept(thw):
-    name, model, inputs = thw
+    name, model, prompts = thw
     model = THW[name]()  # the planted test zeroed this fixture's tower
-    want = [(n, g) for n, _, g in thw_expected(inputs["input_ids"])]
-    check_generate(model, inputs, lm_layers(model)[0], want)
+    for inputs, expected in prompts:
+        check_generate(model, inputs, lm_layers(model)[0], [(n, g) for n, _, g in expected])
 
 
 # ----------------------------------------------------------------------------------- Mllama

@@ -276,7 +276,31 @@ def qwen3_vl_moe(seed: int = 0):
     return _eval(Qwen3VLMoeForConditionalGeneration(cfg))
 
 
+def qwen3_vl(seed: int = 0):
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = Qwen3VLConfig(text_config=dict(TEXT, rope_parameters=dict(MROPE, mrope_interleaved=True)),
+                        vision_config=QWEN3_VISION, **QWEN_IDS)
+    return _eval(Qwen3VLForConditionalGeneration(cfg))
+
+
+def glm4v(seed: int = 0):
+    """GLM-4V: its tower interpolates learned positions from image_size / patch_size = 8x8 to each grid."""
+    from transformers import Glm4vConfig, Glm4vForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=2, spatial_merge_size=2,
+                  temporal_patch_size=2, in_channels=3, out_hidden_size=32, image_size=16)
+    cfg = Glm4vConfig(text_config=dict(TEXT, rope_parameters=dict(MROPE, partial_rotary_factor=0.5, mrope_section=[1, 1, 0])), vision_config=vision,
+                      image_token_id=IMAGE, video_token_id=VIDEO, image_start_token_id=VSTART,
+                      image_end_token_id=VEND, video_start_token_id=ASTART, video_end_token_id=AEND)
+    return _eval(Glm4vForConditionalGeneration(cfg))
+
+
 def qwen_media(model, image=(1, 8, 12), video=(2, 4, 6), mel_frames: int | None = 40, seed: int = 0) -> dict:
+    if model.config.model_type == "glm4v":  # its forward takes images or videos, not both (transformers 5.24)
+        return glm4v_media(model, image, video, seed)
     """input_ids [1, N]: text, <vs> image <ve>, text, <vs> video <ve>, then <as> audio <ae> if
     mel_frames, then text, with the pixel / mel inputs of a Qwen processor (patches flattened to
     [t * h * w, C * tp * p * p]). Qwen3-VL's processor puts a timestamp (text) before each frame."""
@@ -284,7 +308,7 @@ def qwen_media(model, image=(1, 8, 12), video=(2, 4, 6), mel_frames: int | None 
     vc = model.config.vision_config
     width = 3 * vc.temporal_patch_size * vc.patch_size ** 2
     n_img, per_frame = image[0] * image[1] * image[2] // 4, video[1] * video[2] // 4
-    frames = video[0] if model.config.model_type.startswith("qwen3_vl") else 1
+    frames = video[0] if model.config.model_type.startswith(("qwen3_vl", "glm4v")) else 1
     ids = [5, 6, VSTART] + [IMAGE] * n_img + [VEND]
     for _ in range(frames):
         ids += [7, VSTART] + [VIDEO] * (per_frame * video[0] // frames) + [VEND]
@@ -299,7 +323,7 @@ def qwen_media(model, image=(1, 8, 12), video=(2, 4, 6), mel_frames: int | None 
         ids += [ASTART] + [AUDIO] * n_audio + [AEND]
         out.update(input_features=feats, feature_attention_mask=mask, video_second_per_grid=torch.tensor([1.0]))
     ids = torch.tensor([ids + [8, 9, 10]])
-    if model.config.model_type == "qwen3_vl_moe":  # its processor's M-RoPE groups: image 1, video 2
+    if model.config.model_type in ("qwen3_vl", "qwen3_vl_moe", "glm4v"):  # M-RoPE groups: image 1, video 2
         out["mm_token_type_ids"] = (ids == IMAGE).int() + 2 * (ids == VIDEO).int()
     return dict(input_ids=ids, attention_mask=torch.ones_like(ids), **out)
 
@@ -436,3 +460,24 @@ def gemma3n(seed: int = 0):
         return _eval(Gemma3nForConditionalGeneration(cfg))
     finally:
         modeling_gemma3n.AutoModel = real
+
+
+def glm4v_media(model, image=(1, 8, 12), video=(2, 4, 6), seed: int = 0) -> dict:
+    """GLM-4V's processor: an image as <boi> image tokens <eoi>; a video as, per frame, <boi> image tokens
+    <eoi> and a timestamp (its frames use the image token). Two prompts: the image one, then the video one
+    (returned as the "video" entry)."""
+    g = torch.Generator().manual_seed(seed)
+    width = 3 * 2 * 2 ** 2
+    n_img, per_frame = image[0] * image[1] * image[2] // 4, video[1] * video[2] // 4
+    img = torch.tensor([[5, 6, VSTART] + [IMAGE] * n_img + [VEND, 8, 9, 10]])
+    vid = [5, ASTART]
+    for f in range(video[0]):
+        vid += [VSTART] + [IMAGE] * per_frame + [VEND, 20 + f]
+    vid = torch.tensor([vid + [AEND, 8, 9, 10]])
+    image_inputs = dict(input_ids=img, attention_mask=torch.ones_like(img), mm_token_type_ids=(img == IMAGE).int(),
+                        pixel_values=torch.randn(n_img * 4, width, generator=g),
+                        image_grid_thw=torch.tensor([list(image)]))
+    video_inputs = dict(input_ids=vid, attention_mask=torch.ones_like(vid), mm_token_type_ids=2 * (vid == IMAGE).int(),
+                        pixel_values_videos=torch.randn(per_frame * video[0] * 4, width, generator=g),
+                        video_grid_thw=torch.tensor([list(video)]))
+    return dict(image_inputs, video=video_inputs)

@@ -59,7 +59,7 @@ from ..session import CallLayout, CaptureSession, Segment
 from .generic import GenericCapture, all_relations, check_layout, check_steps, layout_for
 from .hf_attention import original_forward, sinks_of, with_sink
 from .vlm_layouts import MEDIA, AudioTower, MergeTower, PatchTower, TileTower, TokenSequence
-from .vlm_media import media_items
+from .vlm_media import VIDEO_IN_IMAGE_TOKENS, media_items
 
 ATTN = "attncap"
 LM_DEFAULT_MEDIA = ("text->image", "text->video", "text->audio")
@@ -175,6 +175,25 @@ def _feature_rows(out: Any) -> int | None:
     return None
 
 
+DROPOUT_ATTRS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
+
+
+def refuse_unsupported(model: torch.nn.Module, configs: list) -> None:
+    """Refuse, before anything runs, a model whose attention attncap cannot reproduce: in training mode
+    with attention dropout, every call would drop random probabilities (the maps would be of another
+    attention than the one that ran). Sinks with softcapping are refused at their first call (only the
+    call shows that both are passed)."""
+    if not any(m.training for m in model.modules()):
+        return
+    for cfg in configs:
+        for attr in DROPOUT_ATTRS:
+            p = getattr(cfg, attr, None)
+            if isinstance(p, (int, float)) and not isinstance(p, bool) and p > 0:
+                raise ValueError(f"attncap.capture: {getattr(cfg, 'model_type', '?')} config has {attr}={p} and the "
+                                 "model is in training mode, so its attention applies dropout, which attncap does "
+                                 "not reproduce; call model.eval() first (or set the dropout to 0)")
+
+
 class TransformersCapture:
     """attn_implementation switched to "attncap", step / media / tower hooks; restore() undoes all of it."""
 
@@ -207,6 +226,7 @@ class TransformersCapture:
     def install(self) -> None:
         check_steps(self.session, "generation")
         configs = _configs(self.model)
+        refuse_unsupported(self.model, configs)
         register()
         self.token_ids = _token_ids(self.model, configs)
         try:
@@ -422,8 +442,13 @@ class TransformersCapture:
         notes = []
         base = getattr(self.model, "base_model", self.model)
         kind = getattr(self.model.config, "model_type", "?")
+        token_ids = self.token_ids
+        seen = {m for m, _, _ in self._media}
+        if kind in VIDEO_IN_IMAGE_TOKENS and seen & set(MEDIA) == {"video"}:
+            # GLM-4V writes a video's frames with the image token (its forward takes images or a video)
+            token_ids = dict(token_ids, image=None, video=token_ids.get("image"))
         for modality in MEDIA:
-            token = self.token_ids.get(modality)
+            token = token_ids.get(modality)
             if token is None or modality == "audio" or not bool((ids == token).any()):
                 continue  # audio: one grid-less segment per run of its tokens, no rule needed
             calls = [(inputs, rows) for m, inputs, rows in self._media if m == modality]
@@ -445,7 +470,7 @@ class TransformersCapture:
             if not calls:
                 notes.append(f"no {modality} inputs were seen (get_{modality}_features was not called)")
             items[modality] = found or None
-        self._seq, problems = TokenSequence.start(ids, self.token_ids, items)
+        self._seq, problems = TokenSequence.start(ids, token_ids, items)
         for why in notes + problems:
             self._warn(f"layout:{why}", f"attncap: {kind}: {why}; those media tokens are captured as segments "
                                         "without a grid")

@@ -299,7 +299,11 @@ def _is_pixtral(cfg) -> bool:
     return getattr(_vc(cfg), "model_type", None) == "pixtral"
 
 
-# model_type -> rule(model, cfg, inputs, modality); "auto" families are tried by their inputs
+# Families whose processors write a video's frames with the image token (and whose forward takes images
+# or a video, not both): a call with video inputs only places its video items at the image tokens.
+VIDEO_IN_IMAGE_TOKENS = ("glm4v", "glm4v_moe")
+
+# model_type -> rule(model, cfg, inputs, modality)
 RULES: dict[str, Callable] = {
     **{t: (lambda m, c, i, mod: thw_rule(c, i, mod)) for t in (
         "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "qwen2_5_omni_thinker",
