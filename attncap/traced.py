@@ -72,7 +72,7 @@ def _sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale, layout: str) -> torch
     """A call the route left alone: torch SDPA, as diffusers' native backend computes it."""
     if layout == "bshd":
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))
-        if attn_mask is not None and attn_mask.dim() == 2:  # [B, Nk] key padding
+        if attn_mask is not None and tuple(attn_mask.shape) == (q.shape[0], k.shape[2]):  # [B, Nk] key padding
             attn_mask = attn_mask[:, None, None, :]
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                                            is_causal=is_causal, scale=scale,

@@ -96,6 +96,37 @@ def test_custom_ops_pass_opcheck():
                           (q[:, :, :10], k, lse, mask[:10], None, 0.25, True, "bhsd", "auto", lse_plans))
 
 
+class _Route:
+    """A captured call's route for the op test: attncap's output, counting its calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def route(self, index, q, k, v, attn_mask, dropout_p, is_causal, scale, layout, cp):
+        self.calls += 1
+        return attncap.attention(q, k, v, scale=scale, attn_mask=attn_mask, is_causal=is_causal, layout=layout)[0]
+
+
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_captured_call_op_passes_opcheck_and_falls_back_to_sdpa(layout):
+    """attncap::captured_call (what a traced captured call records): opcheck with a route and with a
+    number no route holds (then it is torch SDPA, as the call would have been without capture)."""
+    q, k, v, mask, _, _ = inputs()
+    if layout == "bshd":
+        q, k, v = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+    owner = _Route()
+    ident = attncap.traced.register(owner)
+    args = (q, k, v, mask, ident, 0, 0.0, False, 0.3, layout, False)
+    torch.library.opcheck(torch.ops.attncap.captured_call.default, args)
+    assert owner.calls > 0
+    unrouted = torch.ops.attncap.captured_call(q, k, v, mask, torch.tensor(-1), 0, 0.0, False, 0.3, layout, False)
+    t = (lambda x: x.transpose(1, 2)) if layout == "bshd" else (lambda x: x)
+    want = torch.nn.functional.scaled_dot_product_attention(t(q), t(k), t(v), attn_mask=mask, scale=0.3)
+    torch.testing.assert_close(unrouted, t(want).contiguous(), atol=0, rtol=0)
+    routed = torch.ops.attncap.captured_call(*args)
+    torch.testing.assert_close(routed, unrouted, atol=1e-5, rtol=1e-5)
+
+
 def test_plans_are_built_once_per_call_shape(monkeypatch):
     """A second call with an equal request (a new object, as integrations make per call) reuses the
     cached index tensors: nothing is planned again."""
