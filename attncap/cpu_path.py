@@ -96,12 +96,17 @@ class _Columns:
     unsort: torch.Tensor | None
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., Ncol] -> [..., nb]: sums over the bins of ``plan``."""
+        """x [..., Ncol] -> [..., nb]: sums over the bins of ``plan``, bins by size (bin_order()
+        puts them in bin order: once per call on the map, not once per tile)."""
         first, slots, n = self.groups[0]
         out = x[..., first:first + slots * n].unflatten(-1, (slots, n)).sum(-2)
         for first, slots, n in self.groups[1:]:
             out[..., :n] += x[..., first:first + slots * n].unflatten(-1, (slots, n)).sum(-2)
-        return out if self.unsort is None else out.index_select(-1, self.unsort)
+        return out
+
+    def bin_order(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., nb] with bins by size (as pool() gives them) -> bins in order."""
+        return x if self.unsort is None else x.index_select(-1, self.unsort)
 
 
 def _columns(maps, Nk: int, device: torch.device) -> _Columns:
@@ -227,7 +232,9 @@ class _MapJob:
             return x
         return x.new_zeros(x.shape[:-1] + (self.kb,)).index_add_(-1, self.key_bins, x)
 
-    def result(self, total: torch.Tensor) -> torch.Tensor:
+    def result(self, total: torch.Tensor, cols: _Columns) -> torch.Tensor:
+        if self.key_mode == "pool":
+            total = cols.bin_order(total)
         return total if self.scale is None else total.mul_(self.scale)
 
 
@@ -404,7 +411,7 @@ def forward(q, k, v, out, scale, mask=None, mask_kind=0, key_padding=None, is_ca
             ent[b0:b1, h0:h1, s:e] = h.masked_fill_(dead[..., 0], 0.0) if masked else h
             peak[b0:b1, h0:h1, s:e] = inv[..., 0]
         del t, p, k_cols, v_cols
-    return lse, tokens, ent, peak, [job.result(total) for job, total in zip(jobs, totals)]
+    return lse, tokens, ent, peak, [job.result(total, cols) for job, total in zip(jobs, totals)]
 
 
 @_device_errors
@@ -443,7 +450,7 @@ def maps_from_lse(q, k, lse, scale, maps, mask=None, mask_kind=0, key_padding=No
         for job, total in zip(jobs, totals):
             job.add(total, p, b0, b1, h0, h1, s, e, cols)
         del t, p, k_cols
-    return [job.result(total) for job, total in zip(jobs, totals)]
+    return [job.result(total, cols) for job, total in zip(jobs, totals)]
 
 
 def sdpa_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,

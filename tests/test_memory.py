@@ -3,7 +3,9 @@
 Measured, not assumed: a fresh process builds the inputs and warms the matmul and thread pools up
 on a tiny call (their one-off buffers are not the call's), then resets the kernel's peak-RSS
 counter (VmHWM, via /proc/self/clear_refs, as benchmarks/measure.py does) and reads the peak after
-one attncap.attention call with a pooled map, column sums and entropy. At this size the probability
+one attncap.attention call: a pooled map with column sums and entropy (small products: the
+workspace is what shows), or an unpooled head-mean map of 96 MiB (a large product: any copy of it
+on the way out, in attncap.ops or its NaN policy, breaks the bound). At this size the probability
 tensor alone is 2.25 GiB; the torch path's workspace bound (attncap.cpu_path.WORKSPACE_BYTES,
 64 MiB by default) is set per run.
 """
@@ -27,11 +29,16 @@ SCRIPT = textwrap.dedent("""
             return int(re.search(rf"^{field}:\\s+(\\d+) kB", f.read(), re.M).group(1)) * 1024
 
     cpu_path.WORKSPACE_BYTES = int(sys.argv[1])
+    if sys.argv[3] != "default":
+        cpu_path.TILE_BYTES = int(sys.argv[3])
     torch.manual_seed(0)
     H, grid, D = 4, (96, 128), 32
     N = grid[0] * grid[1]
     q, k, v = (torch.randn(1, H, N, D) for _ in range(3))
-    req = attncap.MapRequest(query_grid=grid, key_grid=grid, query_pool=8, key_pool=8, stats=("colsum", "entropy"))
+    if sys.argv[2] == "pooled":
+        req = attncap.MapRequest(query_grid=grid, key_grid=grid, query_pool=8, key_pool=8, stats=("colsum", "entropy"))
+    else:  # the head-mean map of the first 2048 queries over every key, unpooled
+        req = attncap.MapRequest(query_range=(0, 2048))
     small = torch.randn(1, H, 64, D)
     attncap.attention(small, small, small, backend="torch", request=attncap.MapRequest(
         query_grid=(8, 8), key_grid=(8, 8), key_pool=8, stats=("colsum", "entropy")))
@@ -48,16 +55,18 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _measure(workspace: int) -> dict:
-    result = subprocess.run([sys.executable, "-c", SCRIPT, str(workspace)], capture_output=True, text=True,
-                            timeout=600)
+def _measure(workspace: int, request: str = "pooled", tile_bytes: int | None = None) -> dict:
+    result = subprocess.run([sys.executable, "-c", SCRIPT, str(workspace), request, str(tile_bytes or "default")],
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status (Linux)")
 def test_peak_extra_memory_is_products_plus_the_workspace():
-    default, small = _measure(64 * MiB), _measure(16 * MiB)
+    # Tiles as large as the bound allows (cpu_path.TILE_BYTES, 4 MiB, would stop them first), so
+    # the bound is what sets the working memory.
+    default, small = _measure(64 * MiB, tile_bytes=2**40), _measure(16 * MiB, tile_bytes=2**40)
     assert default["naive"] > 2 * GiB
     # 4 MiB of slack: the plan tables, the layout's index arrays and allocator rounding.
     for m, workspace in ((default, 64 * MiB), (small, 16 * MiB)):
@@ -65,3 +74,4 @@ def test_peak_extra_memory_is_products_plus_the_workspace():
     assert small["extra"] < default["extra"] - 8 * MiB, (small, default)  # the bound is what sets it
     print(f"peak extra {default['extra'] / MiB:.1f} MiB (workspace 64 MiB), {small['extra'] / MiB:.1f} MiB "
           f"(16 MiB) vs naive probabilities {default['naive'] / GiB:.2f} GiB")
+
