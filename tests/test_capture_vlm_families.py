@@ -19,7 +19,7 @@ import torch
 pytest.importorskip("transformers")
 
 import attncap  # noqa: E402
-from tiny_vlms import BREAK, END, IMAGE, PAD, VLMS, vlm_inputs  # noqa: E402
+from tiny_vlms import BREAK, END, IMAGE, PAD, VLMS, set_attention_dropout, vlm_inputs  # noqa: E402
 
 FAMILIES = sorted(n for n in VLMS if n != "llama4")  # Llama 4's forward fails in transformers 5.24 itself
 LM_LAYER = re.compile(r"(language_model|text_model)(\.model)?\.layers\.(\d+)\.self_attn$")
@@ -107,10 +107,10 @@ def test_lm_maps_equal_eager_with_image_segments_on_their_grids(family):
 
 
 # (pixel tensor index, patch row, patch col) planted -> (image segment index, grid cell) it must move
-# One family per rule (SmolVLM shares Idefics3's, LLaVA-OneVision LLaVA-NeXT's, PaliGemma the plain grid).
 PLANTS = {
     "aya_vision": ((0,), 5, 2, 0, (2, 1)), "internvl": ((0,), 5, 2, 0, (2, 1)), "gemma3": ((0,), 5, 2, 0, (2, 1)),
-    "idefics3": ((0, 1), 5, 2, 1, (2, 1)), "mistral3": ((0,), 5, 9, 0, (2, 4)),
+    "idefics3": ((0, 1), 5, 2, 1, (2, 1)), "smolvlm": ((0, 1), 5, 2, 1, (2, 1)), "mistral3": ((0,), 5, 9, 0, (2, 4)),
+    "paligemma": ((0,), 5, 2, 0, (5, 2)), "llava_onevision": ((0, 2), 2, 1, 1, (1, 5)),
     # right-hand anyres tile, patch (2, 1): stitched column 4 + 1; unpadding dropped the top row
     "llava_next": ((0, 2), 2, 1, 1, (1, 5)), "kimi_k25": (None, 5, 9, 0, (2, 4)),
 }
@@ -160,11 +160,11 @@ def test_planted_patch_moves_its_grid_cell(name):
     assert float(others.max()) < 1e-4 < float(dev[best][flat])
 
 
-@pytest.mark.parametrize("name", ["llava_next", "mistral3"])
+@pytest.mark.parametrize("name", FAMILIES)
 def test_generate_keeps_grids_and_tower_records(name):
     model = VLMS[name][0]()
     inputs = vlm_inputs(name, model)
-    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=PAD)
+    kw = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=PAD)
     layer = lm_layers(model)[0]
     with torch.no_grad():
         plain = model.generate(**inputs, **kw)
@@ -181,6 +181,23 @@ def test_generate_keeps_grids_and_tower_records(name):
     tower = [r for r in store.records if "vision" in r.layer]
     assert tower and {r.step for r in tower} == {0} and all(r.query_grid is not None for r in tower
                                                               if r.relation == "image->image")
+
+
+@pytest.mark.parametrize("name", sorted(VLMS))
+def test_training_mode_attention_dropout_refused_before_the_forward(name):
+    """Dropout inside attention is random: attncap cannot reproduce it, so capture refuses before any
+    forward runs (the model's own forward hook never fires) and names the setting."""
+    model = VLMS[name][0]()
+    inputs = vlm_inputs(name, model) if name != "llama4" else {}
+    assert set_attention_dropout(model, 0.1) > 0
+    model.train()
+    ran = []
+    hook = model.register_forward_pre_hook(lambda *a: ran.append(1))
+    with pytest.raises(ValueError, match=r"dropout=0\.1 and the model is in training mode.*model\.eval\(\)"):
+        with attncap.capture(model):
+            model(**inputs)
+    hook.remove()
+    assert ran == [] and model.config._attn_implementation != "attncap"
 
 
 def test_tiles_of_a_batch_keep_their_grids_and_numbers():

@@ -17,12 +17,13 @@ import torch
 pytest.importorskip("transformers")
 
 import attncap  # noqa: E402
+from test_capture_transformers import llava_inputs, tiny_llava, tiny_qwen2_5_vl, tiny_qwen2_vl  # noqa: E402
 from test_capture_vlm_families import _local_tower, eager  # noqa: E402
 from tiny_vlms import AUDIO, IMAGE, PAD, VIDEO, gemma3n, glm4v, idefics2, llava_next_video, llava_onevision, mllama, mllama_inputs, \
-    phi4mm, phi4mm_inputs, qwen2_5_omni, qwen3_omni, qwen3_vl, qwen3_vl_moe, qwen_media, tiles_inputs, video_inputs  # noqa: E402
+    phi4mm, phi4mm_inputs, qwen2_5_omni, qwen3_omni, qwen3_vl, qwen3_vl_moe, qwen_media, set_attention_dropout, tiles_inputs, video_inputs  # noqa: E402
 
 LM = re.compile(r"(?:language_model\.|text_model\.|^model\.)layers\.(\d+)\.(self_attn|cross_attn)$")
-THW = {"qwen2_5_omni": qwen2_5_omni, "qwen3_omni": qwen3_omni, "qwen3_vl": qwen3_vl, "qwen3_vl_moe": qwen3_vl_moe,
+THW = {"qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl, "qwen2_5_omni": qwen2_5_omni, "qwen3_omni": qwen3_omni, "qwen3_vl": qwen3_vl, "qwen3_vl_moe": qwen3_vl_moe,
        "glm4v": glm4v}
 
 
@@ -303,3 +304,28 @@ def test_gemma3n_soft_tokens_on_their_grid():
     planted = dict(inputs, pixel_values=pv.clone())
     planted["pixel_values"][0, :, 16:24, 8:16] += 30  # 8x8 block (2, 1) of the stand-in's patchify
     assert planted_cell(model, inputs, planted, lm_layers(model)[0], "text->image") == (0, 2 * 4 + 1)
+
+
+# ----------------------------------------------------------------------------------- LLaVA, refusal
+def test_llava_planted_patch_moves_its_grid_cell():
+    """LLaVA (tests/test_capture_transformers.py): 24x24 pixels, patch 4, class token dropped -> (6, 6)."""
+    model = tiny_llava()
+    inputs = llava_inputs()
+    _local_tower(model)
+    planted = dict(inputs, pixel_values=inputs["pixel_values"].clone())
+    planted["pixel_values"][0, :, 8:12, 12:16] += 30  # patch (2, 3) of the first prompt's image
+    assert planted_cell(model, inputs, planted, lm_layers(model)[0], "text->image") == (0, 2 * 6 + 3)
+
+
+BUILDERS = dict(THW, mllama=mllama, phi4mm=phi4mm, idefics2=idefics2, gemma3n=gemma3n,
+                llava_next_video=llava_next_video, llava=tiny_llava)
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_training_mode_attention_dropout_refused_before_the_forward(name):
+    model = BUILDERS[name]()
+    assert set_attention_dropout(model, 0.1) > 0
+    model.train()
+    with pytest.raises(ValueError, match=r"(attention_)?dropout=0\.1 and the model is in training mode"):
+        with attncap.capture(model):
+            raise AssertionError("the block must not run")

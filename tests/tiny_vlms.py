@@ -195,6 +195,18 @@ VLMS = {
 }
 
 
+def set_attention_dropout(model, p: float) -> int:
+    """Give every attention module of the model attention dropout p the way transformers stores it (the
+    module's attention_dropout, Mllama's text attention dropout); returns how many modules got it."""
+    n = 0
+    for m in model.modules():
+        for attr in ("attention_dropout", "dropout"):
+            if "Attention" in type(m).__name__ and isinstance(getattr(m, attr, None), float):
+                setattr(m, attr, p)
+                n += 1
+    return n
+
+
 def feature_rows(model, pixels: dict) -> list[int]:
     """Language-model tokens each image (feature group) of ``pixels`` fills, from the model itself."""
     with torch.no_grad():
@@ -323,7 +335,7 @@ def qwen_media(model, image=(1, 8, 12), video=(2, 4, 6), mel_frames: int | None 
         ids += [ASTART] + [AUDIO] * n_audio + [AEND]
         out.update(input_features=feats, feature_attention_mask=mask, video_second_per_grid=torch.tensor([1.0]))
     ids = torch.tensor([ids + [8, 9, 10]])
-    if model.config.model_type in ("qwen3_vl", "qwen3_vl_moe", "glm4v"):  # M-RoPE groups: image 1, video 2
+    if "omni" not in model.config.model_type:  # the processors' M-RoPE groups: image 1, video 2
         out["mm_token_type_ids"] = (ids == IMAGE).int() + 2 * (ids == VIDEO).int()
     return dict(input_ids=ids, attention_mask=torch.ones_like(ids), **out)
 

@@ -175,23 +175,23 @@ def _feature_rows(out: Any) -> int | None:
     return None
 
 
-DROPOUT_ATTRS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
+DROPOUT_ATTRS = ("attention_dropout", "dropout", "attn_dropout", "dropout_p")
 
 
-def refuse_unsupported(model: torch.nn.Module, configs: list) -> None:
-    """Refuse, before anything runs, a model whose attention attncap cannot reproduce: in training mode
-    with attention dropout, every call would drop random probabilities (the maps would be of another
-    attention than the one that ran). Sinks with softcapping are refused at their first call (only the
-    call shows that both are passed)."""
-    if not any(m.training for m in model.modules()):
-        return
-    for cfg in configs:
+def refuse_unsupported(model: torch.nn.Module) -> None:
+    """Refuse, before anything runs, a model whose attention attncap cannot reproduce: an attention module
+    in training mode with a dropout probability (transformers passes it to the attention function then)
+    would drop random probabilities, so the maps would be of another attention than the one that ran.
+    Sinks with softcapping are refused at their first call (only the call shows that both are passed)."""
+    for name, m in model.named_modules():
+        if not m.training or "Attention" not in type(m).__name__:
+            continue
         for attr in DROPOUT_ATTRS:
-            p = getattr(cfg, attr, None)
+            p = getattr(m, attr, None)
             if isinstance(p, (int, float)) and not isinstance(p, bool) and p > 0:
-                raise ValueError(f"attncap.capture: {getattr(cfg, 'model_type', '?')} config has {attr}={p} and the "
-                                 "model is in training mode, so its attention applies dropout, which attncap does "
-                                 "not reproduce; call model.eval() first (or set the dropout to 0)")
+                raise ValueError(f"attncap.capture: {name} has {attr}={p} and the model is in training mode, so its "
+                                 "attention applies dropout, which attncap does not reproduce; call model.eval() "
+                                 "first (or set the dropout to 0)")
 
 
 class TransformersCapture:
@@ -226,7 +226,7 @@ class TransformersCapture:
     def install(self) -> None:
         check_steps(self.session, "generation")
         configs = _configs(self.model)
-        refuse_unsupported(self.model, configs)
+        refuse_unsupported(self.model)
         register()
         self.token_ids = _token_ids(self.model, configs)
         try:
