@@ -137,6 +137,19 @@ class AxisSpec(NamedTuple):
         return plan_range(self.start, self.stop, self.grid, self.factors)
 
 
+def sum_bins(x: torch.Tensor, index: torch.Tensor, nbins: int) -> torch.Tensor:
+    """x [B, G, L, ...] summed into bins along dim 2: [B, G, nbins, ...], slot l into bin index[l]
+    (int32 or int64 [L]), each bin summed in slot order. On the CPU by scatter_add_: index_add_ there
+    adds slice by slice when the binned dim is the innermost, many times slower for thousands of
+    slots, and scatter_add_ adds in the same order, so the sums are the same bits. Elsewhere by
+    index_add_ (deterministic under torch.use_deterministic_algorithms)."""
+    out = x.new_zeros(x.shape[:2] + (nbins,) + x.shape[3:])
+    if x.device.type != "cpu":
+        return out.index_add_(2, index, x)
+    shape = (1, 1, -1) + (1,) * (x.dim() - 3)
+    return out.scatter_add_(2, index.long().reshape(shape).expand(x.shape), x)
+
+
 def plan_indices(indices: Sequence[int]) -> AxisPlan:
     """An unpooled axis over explicit token indices (selected queries)."""
     idx = torch.tensor(list(indices), dtype=torch.int32)

@@ -23,9 +23,12 @@ Qb query bins, Qs selected query rows.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
+
+from .layouts import sum_bins
 
 
 def poisoned_rows(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, mask_kind: int,
@@ -49,16 +52,15 @@ def poisoned_rows(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, m
 
 
 def all_finite(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, mask_kind: int,
-               lse: torch.Tensor | None = None) -> torch.Tensor:
-    """bool []: True when no row is poisoned (arguments as poisoned_rows). Sufficient, not necessary:
-    NaN and inf make a sum non-finite, and a sum of finite values that overflows only says False."""
-    inf = float("inf")
-    ok = torch.isfinite(q.sum(dtype=torch.float32) + k.sum(dtype=torch.float32))
-    if mask is not None and mask_kind == 2 and mask.numel():
-        ok = ok & (_own(mask).amax() < inf)  # amax propagates NaN; -inf masks a key
-    if lse is not None and lse.numel():
-        ok = ok & (lse.amax() < inf)
-    return ok
+               lse: torch.Tensor | None = None) -> bool:
+    """True when no row is poisoned (arguments as poisoned_rows), read on the host: for CPU tensors,
+    where that costs no synchronisation. Sufficient, not necessary: NaN and inf make a sum non-finite,
+    and a sum of finite values that overflows only says False (the exact path then decides)."""
+    if not math.isfinite((q.sum(dtype=torch.float32) + k.sum(dtype=torch.float32)).item()):
+        return False
+    if mask is not None and mask_kind == 2 and mask.numel() and not _own(mask).amax().item() < math.inf:
+        return False  # NaN or +inf (amax propagates NaN); -inf masks a key
+    return lse is None or not lse.numel() or lse.amax().item() < math.inf
 
 
 def _own(mask: torch.Tensor) -> torch.Tensor:
@@ -72,8 +74,7 @@ def _own(mask: torch.Tensor) -> torch.Tensor:
 def _bins(bad: torch.Tensor, axis, heads: torch.Tensor) -> torch.Tensor:
     """bool [B, G, bins]: which (head group, bin) of an axis plan holds a poisoned (head, query)."""
     x = bad[:, :, axis.perm][:, heads].any(2).to(torch.float32)   # [B, G, slots]
-    hit = torch.zeros(x.shape[:2] + (axis.nbins,), dtype=torch.float32, device=x.device)
-    return hit.index_add_(2, axis.bin_of_slot, x) > 0
+    return sum_bins(x, axis.bin_of_slot, axis.nbins) > 0
 
 
 def poison(bad: torch.Tensor, out: torch.Tensor | None, plans: Sequence, tables: Sequence,
@@ -107,6 +108,6 @@ def enforce(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, mask_ki
     """The policy for one call of attncap's ops: poisoned_rows, then poison (``call`` holds the plans
     and their tables, as attncap.ops builds them). On the CPU, all_finite decides on the host first
     whether there is anything to poison; on other devices a call never reads a value on the host."""
-    if q.device.type == "cpu" and bool(all_finite(q, k, mask, mask_kind, lse)):
+    if q.device.type == "cpu" and all_finite(q, k, mask, mask_kind, lse):
         return products
     return poison(poisoned_rows(q, k, mask, mask_kind, lse), out, call.plans, call.tables, products)

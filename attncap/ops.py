@@ -26,7 +26,7 @@ from typing import Iterator, Sequence
 import torch
 
 from . import cpu_path, nonfinite
-from .layouts import AxisPlan, AxisSpec
+from .layouts import AxisPlan, AxisSpec, sum_bins
 from .request import MapRequest, request_key
 from .validate import (Plan, Shapes, check_masks, check_request, check_tensors, mask_views, product_shapes,
                        selected_union)
@@ -233,7 +233,7 @@ class _Tables:
     columns: torch.Tensor | None  # int64 [Ks]: each selected key's column among the forward's token columns,
                                   # None when the plan selects every column in order
     query_span: tuple[int, int]   # (start, length) of the query range
-    query_bin: torch.Tensor | None  # int32 [length]: query bin of each token of the range in token order
+    query_bin: torch.Tensor | None  # int64 [length]: query bin of each token of the range in token order
                                     # (None: unpooled, one token per bin)
     mean_of: int                  # n when the plan's one group is heads 0..n-1 (0 otherwise): for a
                                   # call of n heads, a mean over the head dim
@@ -268,8 +268,8 @@ def _tables(text: str, device: torch.device) -> _CallTables:
         query = q.plan()
         query_bin = None
         if query.pooled:  # invert the bin-major order: the bin of each token, in token order
-            query_bin = torch.empty_like(query.bin_of_slot)
-            query_bin[query.perm - q.start] = query.bin_of_slot
+            query_bin = torch.empty(q.nslots, dtype=torch.int64)
+            query_bin[query.perm - q.start] = query.bin_of_slot.long()
             query_bin = query_bin.to(device)
         return _Tables(query.to(device), plan.key.plan().to(device),
                        None if plan.rows is None else plan.rows.plan().to(device), one_bin,
@@ -400,13 +400,10 @@ def _products(plan: Plan, t: _Tables, maps: Iterator[torch.Tensor], tokens, ent,
 
 def reduce_per_query(x: torch.Tensor, t: _Tables) -> torch.Tensor:
     """Per-head, per-query values [B, H, Nq, ...] -> head groups and query bins [B, G, Qb, ...]:
-    the query range's tokens averaged over each head group, then over each query bin (index_add_
-    in token order, so each bin sums its tokens in the order the bin-major slots list them)."""
+    the query range's tokens averaged over each head group, then over each query bin (summed in
+    token order, the order in which the bin-major slots list each bin's tokens)."""
     x = x.narrow(2, *t.query_span)
     x = x.mean(1, keepdim=True) if t.mean_of == x.shape[1] else x[:, t.heads].mean(2)
     if t.query_bin is None:
         return x
-    axis = t.query
-    pooled = torch.zeros((x.shape[0], x.shape[1], axis.nbins) + tuple(x.shape[3:]), dtype=x.dtype, device=x.device)
-    pooled.index_add_(2, t.query_bin, x)
-    return pooled / axis.counts.reshape((1, 1, -1) + (1,) * (x.dim() - 3))
+    return sum_bins(x, t.query_bin, t.query.nbins) / t.query.counts.reshape((1, 1, -1) + (1,) * (x.dim() - 3))
