@@ -19,11 +19,16 @@ Token layouts (segments of a call, see attncap.session):
   language model   "text" (every non-media token, prompt and generated, in sequence order) and the
                    media placed at config.image_token_id / video_token_id (or a sub-config's, as
                    Phi-4-multimodal keeps it) by the family rules of attncap.integrations.vlm_media,
-                   read from the inputs of get_image_features / get_video_features: one segment per
-                   image, tile and named piece ("image" on its grid, anyres "base" tile and stitched
-                   grid, "image_newline", Pixtral's "image_break" / "image_end"; Record.meta
-                   query_tag / key_tag say which). A family without a rule, or inputs a rule does not
-                   explain, gives grid-less media segments and a warning. Text and media are
+                   read from the inputs of get_image_features / get_video_features (Phi-4-multimodal:
+                   of its image embedding module): one segment per image, tile and named piece
+                   ("image" on its grid, anyres "base" tile and stitched grid, "image_newline",
+                   Pixtral's "image_break" / "image_end"; Record.meta query_tag / key_tag say which),
+                   "audio" per run of audio tokens (no grid). A family without a rule, inputs a rule
+                   does not explain, or tokens with no place on the image (Idefics2's perceiver
+                   latents) give grid-less media segments and a warning.
+  Mllama           its <|image|> token is text; the cross-attention layers' keys are the vision tower's
+                   tiles, per image and tile a "cls" then an "image" (g, g) segment, tagged "tile j of n"
+                   or "padding tile"; kept for every decode step (the keys are cached). auto: text->image. Text and media are
                    gathered into contiguous segments per batch element (a permutation of q/k/v rows and
                    of the mask, undone on the output), so "text->image" maps hold every text token.
                    auto relations: text->image / text->video, or text->text for a text-only model.
@@ -32,13 +37,16 @@ Token layouts (segments of a call, see attncap.session):
                    row-major. Qwen2.5-VL: the full-attention blocks (fullatt_block_indexes) are captured
                    the same way; its window-attention blocks call attention once per window and are NOT
                    captured (they run on the model's attention unchanged).
-  ViT towers       "image" on the (H/patch, W/patch) grid with a "cls" segment where the tower puts its
-                   class token (first: CLIP, InternVL; last: Llama 4; none: SigLIP); Pixtral packs every
-                   image of a call into one sequence: one "image" segment per image. auto: image->image.
+  ViT towers       "image" ("video" for a video's frames) on the (H/patch, W/patch) grid with a "cls"
+                   segment where the tower puts its class token (first: CLIP, InternVL; last: Llama 4;
+                   none: SigLIP); Pixtral packs every image of a call into one sequence: one "image"
+                   segment per image; Mllama's tower holds an image's tiles, [cls, grid, "padding"] each.
+                   Audio towers (Qwen-Omni): one "audio" segment per call. auto: image->image.
   sinks            a "sink" key segment after the real keys: the probability each query gives the sink.
   layout=          a user layout (attncap.integrations.generic) replaces all of the above.
 
-Limits: every batch element must have the same media structure (number of tokens per segment) for a
+Refused before the forward: attention modules in training mode with attention dropout (random, not
+reproducible). Limits: every batch element must have the same media structure (number of tokens per segment) for a
 call to be captured (otherwise the call runs on the model's attention and a warning says so); caches
 whose key length is not the sequence length (static or sliding-window caches) give a single "tokens"
 key segment on VLMs. The permuted path materialises a bool mask [B, 1, Nq, Nk] for causal prefill of
