@@ -14,6 +14,13 @@ variants (sinks, softcapping, eager-only).
     mistral3         Mistral 3 / Pixtral 32x48 pixels, patch 4, merge 2 -> 4x6 with [IMG_BREAK] / [IMG_END]
     llama4           Llama 4             one tile, 8x8 patches, class token last in the tower, shuffle -> 4x4
     kimi_k25         Kimi-K2.5           grid_thw (1, 8, 12), merge kernel 2x2 -> 4x6
+    qwen2_5_omni, qwen3_omni, qwen3_vl, qwen3_vl_moe, glm4v   (qwen_media) image 8x12 -> 4x6, video (2, 4, 6)
+                                         -> (2, 2, 3), Omni audio tokens; GLM-4V: an image and a video prompt
+    mllama           Mllama              cross-attention keys: 4 tiles (2 real) of [cls, 4x4]
+    llava_next_video LLaVA-NeXT-Video    (video_inputs) 3 frames of 4x4 patches pooled to 2x2
+    idefics2         Idefics2            8 perceiver latents per image (no grid)
+    phi4mm           Phi-4-multimodal    2x1 crops stitched 8x4 + newlines, separator, global 4x4 + newlines
+    gemma3n          Gemma 3n            a stand-in tower's 4x4 feature map (timm is not installed)
 
 Every text config has 4 query heads over 2 key heads (GQA), so maps average over real GQA groups.
 """

@@ -78,9 +78,8 @@ def _strategy(cfg, inp) -> str:
 
 
 def thw_rule(cfg, inp: dict, modality: str) -> list[MediaItem] | None:
-    """Qwen2-VL / 2.5-VL / 3-VL, GLM-4V, Kimi-K2.5 (and the Qwen-Omni thinkers' model types, not tested
-    here): grid_thw [N, 3] of patches,
-    merged by spatial_merge_size (or merge_kernel_size) blocks. Images (t = 1) get (h, w) grids,
+    """Qwen2-VL / 2.5-VL / 3-VL(-MoE), the Qwen2.5-Omni / Qwen3-Omni thinkers, GLM-4V, Kimi-K2.5:
+    grid_thw [N, 3] of patches, merged by spatial_merge_size (or merge_kernel_size) blocks. Images (t = 1) get (h, w) grids,
     videos (t, h, w); a video whose frames the prompt separates (Qwen3-VL timestamps) is t chunks."""
     g = inp.get("image_grid_thw" if modality == "image" else "video_grid_thw", inp.get("grid_thw"))
     vc = _vc(cfg)
