@@ -392,3 +392,22 @@ def test_compiled_model_capture_equals_eager_capture(name, backend, regional):
     assert not any(counting.compiled[compiled_after:])
     if name != "unet_classic":  # the original graphs are still valid: nothing recompiles
         assert len(counting.compiled) == compiled_after
+
+
+def test_compiled_layer_attncap_cannot_route_is_an_error_not_a_silent_gap():
+    """Under torch.compile too: a captured layer whose processor computes attention itself raises
+    CaptureIncomplete naming it at the end of the block, and the other layers' records are kept."""
+    from test_capture_backends import HandWrittenProcessor
+
+    model, inputs = _unet()
+    attn = model.down_blocks[0].attentions[0].transformer_blocks[0].attn2
+    attn.set_processor(HandWrittenProcessor())
+    model.compile(backend="aot_eager")
+    with torch.no_grad():
+        model(**inputs)
+        with pytest.raises(attncap.CaptureIncomplete, match="does not intercept") as err:
+            with attncap.capture(model) as store:
+                model(**inputs)
+    assert "down_blocks.0.attentions.0.transformer_blocks.0.attn2" in str(err.value)
+    assert store.records and all(not r.layer.endswith("transformer_blocks.0.attn2") or "down" not in r.layer
+                                 for r in store.records)
