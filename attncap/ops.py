@@ -19,7 +19,7 @@ import ast
 import functools
 import os
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from types import ModuleType
 from typing import Iterator, Sequence
 
@@ -251,8 +251,9 @@ class _CallTables:
 
 @functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
 def _tables(text: str, device: torch.device) -> _CallTables:
-    """The index tensors of a call's plans on ``device``: built (and copied there) on first use,
-    then found by a cache lookup, so later calls copy nothing to the device and never wait on it."""
+    """The index tensors of a call's plans on ``device``: built on the host and copied there on first
+    use, in one transfer (one synchronisation for a new plan on CUDA, not one per index tensor), then
+    found by a cache lookup, so later calls copy nothing to the device and never wait on it."""
     plans = _decode(text)
     union = selected_union(plans)
 
@@ -261,24 +262,55 @@ def _tables(text: str, device: torch.device) -> _CallTables:
         one_bin = None
         if "colsum" in plan.stats and not plan.want_map:
             n = q.stop - q.start
-            one_bin = AxisSpec(q.start, q.stop, (n,), (n,)).plan().to(device)
+            one_bin = AxisSpec(q.start, q.stop, (n,), (n,)).plan()
         columns = None
         if plan.selected is not None and plan.selected != union:
-            columns = torch.tensor([union.index(k) for k in plan.selected], dtype=torch.int64).to(device)
+            columns = torch.tensor([union.index(k) for k in plan.selected], dtype=torch.int64)
         query = q.plan()
         query_bin = None
         if query.pooled:  # invert the bin-major order: the bin of each token, in token order
             query_bin = torch.empty(q.nslots, dtype=torch.int64)
             query_bin[query.perm - q.start] = query.bin_of_slot.long()
-            query_bin = query_bin.to(device)
-        return _Tables(query.to(device), plan.key.plan().to(device),
-                       None if plan.rows is None else plan.rows.plan().to(device), one_bin,
-                       torch.tensor(plan.heads, dtype=torch.int32).to(device), columns, (q.start, q.nslots), query_bin,
+        return _Tables(query, plan.key.plan(), None if plan.rows is None else plan.rows.plan(), one_bin,
+                       torch.tensor(plan.heads, dtype=torch.int32), columns, (q.start, q.nslots), query_bin,
                        len(plan.heads[0]) if plan.heads == (tuple(range(len(plan.heads[0]))),) else 0)
 
-    tables = tuple(table(p) for p in plans)
-    return _CallTables(plans, tables, None if union is None else torch.tensor(union, dtype=torch.int32).to(device),
-                       tuple(_map_jobs(plans, tables)), any(s in p.stats for p in plans for s in ("entropy", "peak")))
+    host = tuple(table(p) for p in plans)
+    selected = None if union is None else torch.tensor(union, dtype=torch.int32)
+    if device.type != "cpu":
+        found: list[torch.Tensor] = []
+        _tensors((host, selected), found.append)
+        moved = iter(_upload(found, device))
+        host, selected = _tensors((host, selected), lambda t: next(moved))
+    return _CallTables(plans, host, selected, tuple(_map_jobs(plans, host)),
+                       any(s in p.stats for p in plans for s in ("entropy", "peak")))
+
+
+def _tensors(x, visit):
+    """``x`` (tensors inside tuples, _Tables and AxisPlans) rebuilt with each tensor t replaced by
+    visit(t), in a fixed order."""
+    if isinstance(x, torch.Tensor):
+        return visit(x)
+    if type(x) is tuple:
+        return tuple(_tensors(i, visit) for i in x)
+    if isinstance(x, (_Tables, AxisPlan)):
+        return replace(x, **{f.name: _tensors(getattr(x, f.name), visit) for f in fields(x)})
+    return x
+
+
+def _upload(host: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Host tensors on ``device`` by one copy: their bytes packed at 8-byte offsets into one buffer,
+    then viewed back as each tensor's dtype and shape."""
+    chunks, offsets, at = [], [], 0
+    for t in host:
+        raw = t.contiguous().reshape(-1).view(torch.uint8)
+        chunks += [raw, raw.new_zeros(-raw.numel() % 8)]
+        offsets.append(at)
+        at += raw.numel() + chunks[-1].numel()
+    flat = torch.cat(chunks).to(device) if chunks else None
+    return [flat[o:o + t.numel() * t.element_size()].view(t.dtype).reshape(t.shape) for o, t in zip(offsets, host)]
+
+
 def _impl(name: str, device: torch.device) -> ModuleType:
     if name == "torch" or (name == "auto" and device.type != "cuda"):
         return cpu_path

@@ -124,3 +124,27 @@ def test_calls_under_a_dispatch_mode_or_needing_gradients_go_through_the_op():
         assert out.shape == (1, 2, 12, 8) and got["map"].shape == (1, 2, 4, 7)
     q, k, v = qkv()
     assert ops._plain_eager(q, k, v, None) and not ops._plain_eager(q.requires_grad_(), k, v)
+
+
+def test_a_new_plan_reaches_its_device_in_one_copy(monkeypatch):
+    """A call's index tensors go to the device in one copy (one synchronisation on CUDA for a new plan,
+    not one per tensor), with the dtypes, shapes and values built on the host."""
+    from attncap import ops
+    from attncap.validate import check_tensors
+
+    q, k, v = qkv()
+    call = ops._checked((REQUEST, MapRequest(heads=[1], keys=[2], stats=("colsum", "entropy"))),
+                        check_tensors(q, k, v, "bhsd")[3])
+    host = ops._tables(call.text, torch.device("cpu"))
+    copies, to = [], torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **kw: copies.append(a) or to(self, *a, **kw))
+    moved = ops._tables(call.text, torch.device("meta"))
+    monkeypatch.undo()
+    assert [a for a in copies if not isinstance(a[0], torch.dtype)] == [(torch.device("meta"),)]
+    found, placed = [], []
+    ops._tensors(host.tables + (host.selected,), found.append)
+    ops._tensors(moved.tables + (moved.selected,), placed.append)
+    assert len(found) > 10 and all(t.device.type == "meta" for t in placed)
+    assert [(t.dtype, t.shape) for t in placed] == [(t.dtype, t.shape) for t in found]
+    for got, want in zip(ops._upload(found, torch.device("cpu")), found):
+        assert got.dtype == want.dtype and torch.equal(got, want)
