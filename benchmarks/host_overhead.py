@@ -1,14 +1,14 @@
 """Per-call host overhead of a captured attncap.attention call, and the recompiles a capture costs.
 
-    python benchmarks/host_overhead.py [--before-src DIR] [--write-results benchmarks/RESULTS.md]
+    python benchmarks/host_overhead.py [--before-src DIR ...] [--write-results benchmarks/RESULTS.md]
 
 Host overhead = time of an attncap.attention call minus the time spent in its compute (the CPU
 path's forward, timed by wrapping attncap.cpu_path.forward): validation, planning, dispatch and
 product assembly. It is reported as a ratio to that compute (the attention call itself). Each
 source tree is measured in its own fresh process, the trees alternating over ROUNDS rounds, so a
 busy machine slows both alike; the figure is the median over rounds of each round's median over
-CALLS calls. --before-src is a checkout of an earlier attncap (e.g. `git worktree add /tmp/before
-<commit>`): its attncap/ package is imported instead of this one.
+CALLS calls. --before-src (repeatable) is a checkout of an earlier attncap (e.g. `git worktree add
+/tmp/before <commit>`): its attncap/ package is imported instead of this one.
 
 Recompiles: a tiny WanTransformer3DModel (one block) compiled with backend aot_eager, warmed up,
 then one captured call inside attncap.capture and one call after the block; Dynamo's graph counter
@@ -26,7 +26,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-CALLS, ROUNDS = 200, 3
+CALLS, ROUNDS = 200, 5
 # (name, B, H, Nq, Nk, D, request kwargs): a tiny model's cross-attention and a CPU-sized Wan one.
 SHAPES = [
     ("tiny_wan_cross", 2, 2, 45, 6, 12, dict(query_grid=(3, 3, 5), query_pool=(1, 2, 2), stats=("entropy",))),
@@ -107,22 +107,23 @@ def recompiles() -> dict:
     return dict(compile_graphs=start, during=during, after=after, steady=steady)
 
 
-def section(rows: dict[str, list[dict]], rc: dict, env: str, before: str) -> str:
+def section(rows: dict[str, list[dict]], rc: dict, env: str, trees: str) -> str:
     lines = ["## Host overhead of a captured call (issue 13)", "",
              f"Measured by `python benchmarks/host_overhead.py --before-src <checkout>` on {env}. Host overhead = "
              "an attncap.attention call minus its compute (the CPU path's forward); ratio = overhead / compute. "
              f"Median over {ROUNDS} alternating fresh processes per tree of the median of {CALLS} calls; a new "
              "MapRequest per call, as capture makes. On a shared 2-core machine: the ratios, not the absolute "
-             f"times, are the figures to read. before = {before}, after = this tree; compute differs between them "
-             "where the CPU path itself changed.", "",
+             f"times, are the figures to read. Trees: {trees}; compute differs between them where the CPU path "
+             "itself changed.", "",
              "| shape | tree | call us | compute us | host overhead us | overhead / compute |", "|---|---|---:|---:|---:|---:|"]
     for tree, data in rows.items():
         for r in data:
             lines.append(f"| {r['shape']} | {tree} | {r['call_us']:.0f} | {r['compute_us']:.0f} | {r['overhead_us']:.0f} | "
                          f"{r['overhead_us'] / r['compute_us']:.2f} |")
-    lines += ["", "GPU: not measured (no GPU in this session); the CUDA path now makes no host synchronisation per "
-              "call after a plan's first (tests/test_compile.py checks it with torch.cuda.set_sync_debug_mode when a "
-              "GPU is present).", "",
+    lines += ["", "GPU: not measured (no GPU in this session). Read from the code: on CUDA a call makes no host "
+              "synchronisation after a plan's first call, which copies the plan's index tensors in one transfer (one "
+              "synchronisation); tests/test_compile.py checks it with torch.cuda.set_sync_debug_mode when a GPU is "
+              "present.", "",
               f"Recompiles a capture costs (tiny WanTransformer3DModel, one block, `model.compile(backend='aot_eager')`): "
               f"the model compiled {rc['compile_graphs']} graph(s); a captured call inside attncap.capture compiled "
               f"{rc['during']} more (split around the two captured attention calls); the first call after the block "
@@ -130,15 +131,21 @@ def section(rows: dict[str, list[dict]], rc: dict, env: str, before: str) -> str
     return "\n".join(lines)
 
 
+def _revision(src: str) -> str:
+    rev = subprocess.run(["git", "-C", src, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return rev.stdout.strip() if rev.returncode == 0 else os.path.basename(src.rstrip("/"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--before-src", help="a checkout of an earlier attncap to compare against")
+    parser.add_argument("--before-src", action="append", default=[],
+                        help="a checkout of an earlier attncap to compare against (repeatable)")
     parser.add_argument("--write-results", help="RESULTS.md to write this section into")
     args = parser.parse_args()
     if args.worker:
         return worker()
-    trees = ([("before", args.before_src)] if args.before_src else []) + [("after", ROOT)]
+    trees = [(f"before {_revision(src)}", src) for src in args.before_src] + [("after", ROOT)]
     runs: dict[str, list[list[dict]]] = {name: [] for name, _ in trees}
     for _ in range(ROUNDS):
         for name, src in trees:
@@ -149,11 +156,9 @@ def main() -> None:
 
     import torch
     env = f"CPU ({platform.machine()}, {os.cpu_count()} cores, 1 thread per process), torch {torch.__version__}"
-    before = "not measured"
-    if args.before_src:
-        rev = subprocess.run(["git", "-C", args.before_src, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-        before = f"commit {rev.stdout.strip()}" if rev.returncode == 0 else args.before_src
-    text = section(rows, recompiles(), env, before)
+    names = "; ".join([f"{name}: the tree of that commit" for name, _ in trees[:-1]]
+                      + [f"after: this tree (commit {_revision(ROOT)})"])
+    text = section(rows, recompiles(), env, names)
     print(text)
     if args.write_results:
         sys.path.insert(0, ROOT)
