@@ -99,10 +99,6 @@ class AxisPlan:
     def max_bin_size(self) -> int:
         return self.max_bin
 
-    def to(self, device: torch.device) -> "AxisPlan":
-        return AxisPlan(self.perm.to(device), self.bin_of_slot.to(device), self.bin_start.to(device),
-                        self.counts.to(device), self.pooled, self.grid, self.max_bin)
-
 
 class AxisSpec(NamedTuple):
     """One token axis in plain numbers: the tokens start:stop, row-major on ``grid`` and pooled by

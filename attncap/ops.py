@@ -18,7 +18,6 @@ from __future__ import annotations
 import ast
 import functools
 import os
-from collections import OrderedDict
 from dataclasses import dataclass, fields, replace
 from types import ModuleType
 from typing import Iterator, Sequence
@@ -299,12 +298,14 @@ def _tensors(x, visit):
 
 
 def _upload(host: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """Host tensors on ``device`` by one copy: their bytes packed at 8-byte offsets into one buffer,
-    then viewed back as each tensor's dtype and shape."""
+    """Host tensors on ``device`` by one copy: their bytes packed into one buffer, then viewed back as
+    each tensor's dtype and shape. Offsets are multiples of 16 bytes, as a fresh allocation's are:
+    Triton specialises a kernel on its pointers' 16-byte alignment, so a view passed to a kernel
+    (heads, selected keys) compiles the same variant as before."""
     chunks, offsets, at = [], [], 0
     for t in host:
         raw = t.contiguous().reshape(-1).view(torch.uint8)
-        chunks += [raw, raw.new_zeros(-raw.numel() % 8)]
+        chunks += [raw, raw.new_zeros(-raw.numel() % 16)]
         offsets.append(at)
         at += raw.numel() + chunks[-1].numel()
     flat = torch.cat(chunks).to(device) if chunks else None

@@ -128,7 +128,7 @@ def test_calls_under_a_dispatch_mode_or_needing_gradients_go_through_the_op():
 
 def test_a_new_plan_reaches_its_device_in_one_copy(monkeypatch):
     """A call's index tensors go to the device in one copy (one synchronisation on CUDA for a new plan,
-    not one per tensor), with the dtypes, shapes and values built on the host."""
+    not one per tensor), with the dtypes, shapes and values built on the host, 16-byte aligned."""
     from attncap import ops
     from attncap.validate import check_tensors
 
@@ -148,3 +148,4 @@ def test_a_new_plan_reaches_its_device_in_one_copy(monkeypatch):
     assert [(t.dtype, t.shape) for t in placed] == [(t.dtype, t.shape) for t in found]
     for got, want in zip(ops._upload(found, torch.device("cpu")), found):
         assert got.dtype == want.dtype and torch.equal(got, want)
+        assert got.data_ptr() % 16 == 0  # as a fresh allocation: kernels see the same pointer alignment
