@@ -218,6 +218,25 @@ def _tower_rowmajor(model, inputs, name) -> list[torch.Tensor]:
     return out
 
 
+def window_layouts(model, grid_thw: torch.Tensor) -> list[tuple[tuple[int, int], torch.Tensor, tuple[int, int]]]:
+    """Qwen2.5-VL window blocks: per window call (cu_window_seqlens order) its (rows, cols) patch grid,
+    the call rows in row-major order on it, and its top-left patch on the frame, from the rotary
+    (row, col) position ids and the window index transformers itself computes. Frames must be (t=1) images."""
+    from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
+
+    visual = model.model.visual
+    pos = get_vision_position_ids(grid_thw, visual.spatial_merge_size)
+    index, cu = get_vision_window_index(grid_thw, spatial_merge_size=visual.spatial_merge_size,
+                                        window_size=visual.window_size, patch_size=visual.patch_size)
+    pos = pos.reshape(-1, 4, 2)[index].reshape(-1, 2)
+    out = []
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        rc = pos[s:e]
+        (r0, c0), (r1, c1) = rc.min(0).values.tolist(), (rc.max(0).values + 1).tolist()
+        out.append(((r1 - r0, c1 - c0), torch.argsort((rc[:, 0] - r0) * (c1 - c0) + rc[:, 1] - c0), (r0, c0)))
+    return out
+
+
 def test_vision_tower_maps_equal_eager_weights(vlm):
     name, model, make_inputs = vlm
     inputs = make_inputs()
@@ -230,8 +249,15 @@ def test_vision_tower_maps_equal_eager_weights(vlm):
         for blk in (0, 1):
             layer = f"model.visual.blocks.{blk}.attn"
             recs = store.get(layer=layer)
-            if blk not in full_blocks:  # window attention: documented as not captured
-                assert recs == []
+            if blk not in full_blocks:  # window attention: one record per window, on the window's grid
+                windows = window_layouts(model, inputs["image_grid_thw"])
+                assert len(recs) == len(windows) == len(eager[layer]) == 12  # 2 images of 2x3 windows
+                for rec, (grid, order, corner), w in zip(recs, windows, eager[layer]):
+                    assert rec.query_grid == grid == rec.key_grid == (4, 4)
+                    assert rec.meta["query_tag"].endswith(f"rows {corner[0]}:{corner[0] + 4}, cols {corner[1]}:"
+                                                          f"{corner[1] + 4} of (8, 12)")
+                    torch.testing.assert_close(rec.data.double(), w[:, :, order][:, :, :, order], atol=2e-6,
+                                               rtol=1e-5)
                 continue
             assert len(recs) == len(orders) == len(eager[layer])
             for rec, order, w in zip(recs, orders, eager[layer]):

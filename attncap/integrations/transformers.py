@@ -34,9 +34,11 @@ Token layouts (segments of a call, see attncap.session):
                    auto relations: text->image / text->video, or text->text for a text-only model.
   Qwen2-VL towers  one attention call per image frame: "image->image" ("video->video") on the frame's
   (Kimi-K2.5)      (h, w) patch grid, rows reordered from the merge-block order the tower uses to
-                   row-major. Qwen2.5-VL: the full-attention blocks (fullatt_block_indexes) are captured
-                   the same way; its window-attention blocks call attention once per window and are NOT
-                   captured (they run on the model's attention unchanged).
+                   row-major. Qwen2.5-VL (and the Qwen2.5-Omni thinker): the full-attention blocks
+                   (fullatt_block_indexes) the same way; a window-attention block calls attention once
+                   per window (cu_window_seqlens): one segment per window on the window's own (rows,
+                   cols) patch grid, row-major, tagged with its place on the frame ("window 1 of 6:
+                   rows 0:4, cols 4:8 of (8, 12)", "frame f of t, " first for videos).
   ViT towers       "image" ("video" for a video's frames) on the (H/patch, W/patch) grid with a "cls"
                    segment where the tower puts its class token (first: CLIP, InternVL; last: Llama 4;
                    none: SigLIP); Pixtral packs every image of a call into one sequence: one "image"

@@ -5,8 +5,9 @@ TokenSequence   the language model's sequence: the media items of attncap.integr
                 at the media token ids of input_ids (one segment per named piece: grid, thumbnail,
                 newline, break; one "audio" segment per run of audio tokens), text everywhere else,
                 grown by one token per generated step.
-MergeTower      Qwen2-VL / Qwen2.5-VL vision towers: one attention call per frame, rows in the
-                spatial-merge block order, reordered to row-major on the (h, w) patch grid.
+MergeTower      Qwen2-VL / Qwen2.5-VL vision towers: one attention call per frame (per window in
+                Qwen2.5-VL's window blocks), rows in the spatial-merge block (and window) order,
+                reordered to row-major on the frame's (h, w) or the window's patch grid.
 PatchTower      CLIP / SigLIP towers (LLaVA-style): [cls] + the (H/patch, W/patch) grid.
 TileTower       Mllama's tiled tower, and the tile layout of its cross-attention keys.
 AudioTower      audio encoders (Qwen-Omni): each call is one "audio" segment.
@@ -159,18 +160,28 @@ def _place_item(item: MediaItem, kinds: torch.Tensor, code: int, pos: int, segid
 # ----------------------------------------------------------------------------------- vision towers
 class MergeTower:
     """Qwen2-VL / Qwen2.5-VL vision tower: patches of each frame in merge-block order (and, for
-    Qwen2.5-VL, window order); attention is called once per frame (cu_seqlens) or once per window.
-    Kimi-K2.5's tower is the same with row-major patches (it merges after the tower)."""
+    Qwen2.5-VL, window order). A full-attention block calls attention once per frame (cu_seqlens):
+    one segment on the frame's (h, w) patch grid. A Qwen2.5-VL window block calls it once per window
+    (cu_window_seqlens): one segment on the window's own (rows, cols) patch grid, tagged with where the
+    window lies on its frame ("window 2 of 6: rows 0:4, cols 8:12 of (8, 12)"). Rows of both are put
+    in row-major order. Kimi-K2.5's tower is the same with row-major patches (it merges after the tower).
+
+    Shape legend: n tokens of the tower's sequence (every frame of the call), u = n / m² merge units."""
 
     def __init__(self, root: torch.nn.Module):
         self.root = root
         self.m = int(getattr(root, "spatial_merge_size", 1))  # Kimi-K2.5 merges after its tower: rows stay row-major
-        self.chunks: list[tuple[str, tuple[int, int], torch.Tensor]] | None = None
+        self.chunks: list[tuple[str, tuple[int, int], torch.Tensor, str | None]] | None = None
         self.full_cu: torch.Tensor | None = None
+        self.window_cu: torch.Tensor | None = None
+        self._where: tuple[torch.Tensor, torch.Tensor, list] | None = None  # (frame [n], row-major index [n], frames)
+        self._windows: list | None = None
+        self._modality = "image"
         self.calls: dict[int, list] = {}
 
     def begin(self, owner: "TransformersCapture", args, kwargs) -> None:
-        self.chunks, self.full_cu, self.calls = None, None, {}
+        self.chunks = self.full_cu = self.window_cu = self._where = self._windows = None
+        self.calls = {}
         grid_thw = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
         if not isinstance(grid_thw, torch.Tensor):
             return
@@ -180,53 +191,91 @@ class MergeTower:
         total_units = sum(t * h * w for t, h, w in grids) // unit
         window_index = torch.arange(total_units)
         if hasattr(self.root, "window_size") and hasattr(self.root, "fullatt_block_indexes"):
+            given = kwargs.get("window_index"), kwargs.get("cu_window_seqlens")  # the tower's own override
             try:
-                from transformers.vision_utils import get_vision_window_index
+                if given[0] is not None and given[1] is not None:
+                    window_index, window_cu = given
+                else:
+                    from transformers.vision_utils import get_vision_window_index
 
-                window_index, _ = get_vision_window_index(grid_thw, spatial_merge_size=m,
-                                                          window_size=self.root.window_size,
-                                                          patch_size=self.root.patch_size)
-                window_index = window_index.cpu()
+                    window_index, window_cu = get_vision_window_index(
+                        grid_thw, spatial_merge_size=m, window_size=self.root.window_size,
+                        patch_size=self.root.patch_size)
+                window_index = window_index.cpu().long()
+                self.window_cu = window_cu.detach().cpu().long()
             except Exception:  # another transformers layout: leave the tower uncaptured
                 return
-        # Original merge unit u -> (frame chunk, row-major token index of its top-left patch).
+        # Merge unit u (original order) -> its frame chunk and the row-major index of its top-left patch.
         frame_of = torch.empty(total_units, dtype=torch.long)
         corner = torch.empty(total_units, dtype=torch.long)
-        widths = []
-        u0, chunk = 0, 0
+        frames = []  # per frame chunk: (h, w, frame index in its medium, frames of the medium)
+        u0 = 0
         for t, h, w in grids:
             hm, wm = h // m, w // m
             local = torch.arange(hm * wm)
             hb, wb = local // wm, local % wm
-            for _ in range(t):
-                frame_of[u0:u0 + hm * wm] = chunk
+            for f in range(t):
+                frame_of[u0:u0 + hm * wm] = len(frames)
                 corner[u0:u0 + hm * wm] = hb * m * w + wb * m
-                widths.append((h, w))
+                frames.append((h, w, f, t))
                 u0 += hm * wm
-                chunk += 1
         sub = torch.arange(unit)  # token (ih, iw) = divmod(sub, m) inside its merge unit
-        tokens_frame = frame_of[window_index].repeat_interleave(unit)
-        tokens_corner = corner[window_index].repeat_interleave(unit)
-        ih, iw = (sub // m).repeat(total_units), (sub % m).repeat(total_units)
+        token_frame = frame_of[window_index].repeat_interleave(unit)
+        width = torch.tensor([w for _, w, _, _ in frames])[token_frame]
+        rowmajor = corner[window_index].repeat_interleave(unit) + (sub // m).repeat(total_units) * width + \
+            (sub % m).repeat(total_units)
         chunks, start = [], 0
-        for c, (h, w) in enumerate(widths):
+        for c, (h, w, _, _) in enumerate(frames):
             n = h * w
-            if not bool((tokens_frame[start:start + n] == c).all()):
+            if not bool((token_frame[start:start + n] == c).all()):
                 return
-            rowmajor = tokens_corner[start:start + n] + ih[start:start + n] * w + iw[start:start + n]
-            order = torch.argsort(rowmajor)
-            if not bool((rowmajor[order] == torch.arange(n)).all()):
+            order = torch.argsort(rowmajor[start:start + n])
+            if not bool((rowmajor[start:start + n][order] == torch.arange(n)).all()):
                 return
-            chunks.append((modality, (h, w), order))
+            chunks.append((modality, (h, w), order, None))
             start += n
         self.chunks = chunks
-        self.full_cu = torch.tensor([0] + [h * w for h, w in widths]).cumsum(0)
+        self.full_cu = torch.tensor([0] + [h * w for h, w, _, _ in frames]).cumsum(0)
+        self._where = (token_frame, rowmajor, frames)
+        self._modality = modality
+
+    def windows(self) -> list[tuple[str, tuple[int, int] | None, torch.Tensor | None, str]] | None:
+        """Per window call (cu_window_seqlens order): its segment name, its (rows, cols) patch grid, the
+        order that makes its rows row-major, and its tag. A window whose tokens are not a full rectangle
+        of one frame (a window rule attncap does not know) gets no grid and keeps the tower's order."""
+        if self._windows is None and self._where is not None and self.window_cu is not None:
+            token_frame, rowmajor, frames = self._where
+            bounds = self.window_cu.tolist()
+            per_frame: dict[int, int] = {}
+            out = []
+            for s, e in zip(bounds[:-1], bounds[1:]):
+                c = int(token_frame[s])
+                per_frame[c] = per_frame.get(c, 0) + 1
+                out.append([c, per_frame[c] - 1, s, e])
+            self._windows = []
+            for c, j, s, e in out:
+                h, w, f, t = frames[c]
+                idx = rowmajor[s:e]
+                r, col = idx // w, idx % w
+                r0, r1, c0, c1 = int(r.min()), int(r.max()) + 1, int(col.min()), int(col.max()) + 1
+                local = (r - r0) * (c1 - c0) + (col - c0)
+                order = torch.argsort(local)
+                exact = bool((token_frame[s:e] == c).all()) and (r1 - r0) * (c1 - c0) == e - s and \
+                    bool((local[order] == torch.arange(e - s)).all())
+                frame = f"frame {f} of {t}, " if t > 1 else ""
+                tag = f"{frame}window {j} of {per_frame[c]}: rows {r0}:{r1}, cols {c0}:{c1} of ({h}, {w})"
+                self._windows.append((self._modality, (r1 - r0, c1 - c0), order, tag) if exact else
+                                     (self._modality, None, None, f"{frame}window {j} of {per_frame[c]}"))
+        return self._windows
 
     def on_attention_module(self, module, args, kwargs) -> None:
         cu = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
-        full = (isinstance(cu, torch.Tensor) and self.full_cu is not None and cu.numel() == self.full_cu.numel()
-                and bool((cu.detach().cpu().long() == self.full_cu).all()))
-        self.calls[id(module)] = [0, full]
+
+        def same(ref):
+            return isinstance(cu, torch.Tensor) and ref is not None and cu.numel() == ref.numel() and \
+                bool((cu.detach().cpu().long() == ref).all())
+        # A frame-sized window (windows as large as the frame) is the full block's layout: either reading is exact.
+        self.calls[id(module)] = [0, "full" if same(self.full_cu) else "window" if same(self.window_cu) else None]
 
     def layout(self, module, q, k):
         state = self.calls.get(id(module))
@@ -234,14 +283,15 @@ class MergeTower:
             return None
         c = state[0]
         state[0] += 1
-        if not state[1] or c >= len(self.chunks):
-            return None  # a window-attention call (Qwen2.5-VL): not captured
-        name, grid, order = self.chunks[c]
-        n = grid[0] * grid[1]
-        if q.shape[2] != n or k.shape[2] != n:
+        chunks = self.chunks if state[1] == "full" else self.windows() if state[1] == "window" else None
+        if chunks is None or c >= len(chunks):
             return None
-        seg = Segment(name, 0, n, grid)
-        return CallLayout((seg,), (seg,)), order.to(q.device)
+        name, grid, order, tag = chunks[c]
+        n = q.shape[2]
+        if k.shape[2] != n or (grid is not None and grid[0] * grid[1] != n):
+            return None
+        seg = Segment(name, 0, n, grid, tag)
+        return CallLayout((seg,), (seg,)), None if order is None else order.to(q.device)
 
 
 class PatchTower:
