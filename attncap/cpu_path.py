@@ -13,7 +13,7 @@ block of batches, a block of key heads (with their query heads) and a block of q
 EVERY key of those rows, so its probabilities are final and every product reduces from them in the
 same pass (the GPU kernels need a second pass for maps). What keeps it near the cost of SDPA alone:
 
-* scores come out of the matmul in log2 units (the queries carry scale * log2(e)): torch's exp2 is
+* scores come out of the matmul in log2 units (the keys carry scale * log2(e)): torch's exp2 is
   several times faster than its exp on CPU. Then m = max, exp2(S - m) in place, l = sum, P = E / l;
   the LSE is m + log2(l), the peak 1 / l and the entropy ln 2 * (log2 l - sum_j P_j (S_j - m)): no log
   of P, no extra pass beyond one dot per row;
@@ -23,6 +23,8 @@ same pass (the GPU kernels need a second pass for maps). What keeps it near the 
   key range is a slice; head means reduce before key pooling, query pooling comes last;
 * tiles target the cache (TILE_BYTES); tiles, per-tile K/V copies and temporaries stay within
   ``workspace_bytes`` (WORKSPACE_BYTES by default): peak extra memory is the products plus that.
+  On the CPU the tile buffers (two at most, RETAIN_BYTES in all) stay allocated per thread between
+  calls, so a call does not fault their pages in again (_buffers).
 
 Shape legend: B batch, H query heads, Hk key heads, G = H // Hk query heads per key head, Nq, Nk,
 D, Dv; a tile is [bb, hb * G, c, Ncol] with Ncol = Nk score columns in the layout's order.
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -42,12 +45,14 @@ WORKSPACE_BYTES = 64 * 2**20   # default bound on a call's working memory beyond
 TILE_BYTES = 4 * 2**20         # one fp32 score tile: the fastest of 0.25-16 MiB at every benchmark shape (measured,
                                # 1 thread; larger tiles fault their pages in again each call, smaller pay per-tile host cost)
 MIN_ROWS = 256                 # query rows a tile keeps before it splits heads or batches instead
+RETAIN_BYTES = 16 * 2**20      # CPU tile buffers up to this size stay allocated per thread between calls (_buffers)
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 NEG = -1e30  # a masked score: exp2 makes it 0 and, unlike -inf, 0 * (NEG - m) stays 0 in the entropy
 
 _HOST_CACHE: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 _PREP_CACHE: OrderedDict[tuple, tuple] = OrderedDict()  # see _prepare
+_RETAINED = threading.local()  # .block: this thread's CPU tile buffers, see _buffers
 PREP_CACHE_SIZE = 64
 
 
@@ -270,24 +275,40 @@ def _tiles(B: int, Hk: int, G: int, rows: int, ncol: int, kv_per_head: int, work
     while bb > 1 and not fits(bb, hb):
         bb = (bb + 1) // 2
     target = max(1, min(TILE_BYTES, (workspace - bb * hb * kv_per_head) // 3))
-    return bb, hb, max(1, min(rows, target // (bb * hb * G * ncol * 4)))
+    c = max(1, min(rows, target // (bb * hb * G * ncol * 4)))
+    return bb, hb, -(-rows // -(-rows // c))  # as many tiles, evenly filled (no short last tile)
 
 
-def _scores(buf: torch.Tensor, q_rows: torch.Tensor, k_cols: torch.Tensor, c2: float, rows,
+def _buffers(n: int, count: int, device: torch.device) -> list[torch.Tensor]:
+    """``count`` fp32 tile buffers of n elements. On the CPU they are views of one block that this
+    thread keeps between calls (up to RETAIN_BYTES): glibc hands multi-MiB blocks back to the
+    kernel when they are freed, so fresh ones fault their pages in again on every call, ~1 us per
+    4 KiB page (measured: ~2,300 faults, a few ms, per call at sd15_cross against SDPA's 5 ms).
+    Every buffer is written before it is read. Other devices' caching allocators keep blocks already."""
+    if device.type != "cpu" or n * count * 4 > RETAIN_BYTES:
+        return [torch.empty(n, device=device) for _ in range(count)]
+    block = getattr(_RETAINED, "block", None)
+    if block is None or block.numel() < n * count:
+        _RETAINED.block = None  # the old block goes before the larger one comes
+        block = _RETAINED.block = torch.empty(n * count)
+    return [block[i * n:(i + 1) * n] for i in range(count)]
+
+
+def _scores(buf: torch.Tensor, q_rows: torch.Tensor, k_cols: torch.Tensor, rows,
             row_tok: torch.Tensor | None, cols: _Columns, b0: int, b1: int, h0: int, h1: int, mask,
             mask_kind: int, key_padding, is_causal: bool, softcap: float | None) -> torch.Tensor:
     """Scores in log2 units, fp32 [bb, hb * G, c, Ncol] in the front of ``buf``, masked entries NEG;
     with ``softcap``, capped before the masks (softcap * tanh(score / softcap), transformers' order).
 
-    q_rows [bb, hb * G, c, D] (any dtype and strides), k_cols [bb, hb, Ncol, D] fp32; rows: slice or
+    q_rows [bb, hb * G, c, D] (any dtype and strides), k_cols [bb, hb, Ncol, D] fp32 times scale * log2 e
+    (_KV); rows: slice or
     index tensor of the tile's query tokens (row_tok their tokens on the device, for the causal mask)."""
     bb, hq, c, D = q_rows.shape
     hb, ncol = k_cols.shape[1], k_cols.shape[2]
     s = buf[:bb * hq * c * ncol].view(bb, hb, hq // hb * c, ncol)
-    # GQA without copying keys per query head: query heads grouped under their key head. The scale
-    # (times log2 e) goes on the queries, c x D numbers instead of c x Ncol scores; reshape, since
-    # q_rows of a BSHD layout keep their strides through the product.
-    torch.matmul((q_rows.float() * c2).reshape(bb, hb, hq // hb * c, D), k_cols.transpose(-1, -2), out=s)
+    # GQA without copying keys per query head: query heads grouped under their key head; reshape,
+    # since q_rows of a BSHD layout keep their strides through the product.
+    torch.matmul(q_rows.float().reshape(bb, hb, hq // hb * c, D), k_cols.transpose(-1, -2), out=s)
     s = s.view(bb, hq, c, ncol)
     if softcap is not None:  # in log2 units the cap is softcap * log2 e
         cap2 = softcap * LOG2E
@@ -314,27 +335,39 @@ def _scores(buf: torch.Tensor, q_rows: torch.Tensor, k_cols: torch.Tensor, c2: f
 
 
 class _KV:
-    """Keys and values of a tile's batches and key heads, fp32, rows in column order: views when
-    nothing changes, else copies (a small fraction of a tile's matmul), kept while consecutive
-    tiles share the block (tiles of one block's rows) and dropped when the next block begins, so
-    no copy of all heads ever lives at once."""
+    """Keys and values of a tile's batches and key heads, fp32, rows in column order, the keys
+    times ``c2`` (scale * log2 e: the scores come out of the matmul in log2 units; Ncol x D numbers
+    scaled once per block instead of c x D query numbers per tile, and no fresh query-sized
+    temporary per tile): copies (a small fraction of a tile's matmul; values are a view when
+    nothing changes), kept while consecutive tiles share the block (tiles of one block's rows) and
+    dropped when the next block begins, so no copy of all heads ever lives at once."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor | None, cols: _Columns):
-        self.k, self.v, self.cols = k, v, cols
+    def __init__(self, k: torch.Tensor, v: torch.Tensor | None, cols: _Columns, c2: float):
+        self.k, self.v, self.cols, self.c2 = k, v, cols, c2
         self.key, self.last = None, None
+
+    @staticmethod
+    def bytes_per_head(Nk: int, D: int, Dv: int, v_dtype: torch.dtype, cols: _Columns) -> int:
+        """Bytes of one batch and key head's copies: the scaled keys always, values when permuted or cast."""
+        return Nk * D * 4 + (Nk * Dv * 4 if Dv and (cols.token is not None or v_dtype != torch.float32) else 0)
 
     def block(self, b0: int, b1: int, g0: int, g1: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.key != (b0, b1, g0, g1):
             self.last = None  # free the previous block's copies before making the next ones
-            self.last = tuple(None if x is None else self._take(x, b0, b1, g0, g1) for x in (self.k, self.v))
+            k = self._take(self.k, b0, b1, g0, g1, self.c2)
+            self.last = (k, None if self.v is None else self._take(self.v, b0, b1, g0, g1))
             self.key = (b0, b1, g0, g1)
         return self.last
 
-    def _take(self, x: torch.Tensor, b0: int, b1: int, g0: int, g1: int) -> torch.Tensor:
+    def _take(self, x: torch.Tensor, b0: int, b1: int, g0: int, g1: int, scale: float | None = None) -> torch.Tensor:
         x = x[b0:b1, g0:g1]
+        view = self.cols.token is None and x.dtype == torch.float32
         if self.cols.token is not None:  # 3-D index_select: several times faster than on the 4-D view
             x = x.flatten(0, 1).index_select(1, self.cols.token).unflatten(0, (b1 - b0, g1 - g0))
-        return x.float()
+        x = x.float()
+        if scale is None:
+            return x
+        return x * scale if view else x.mul_(scale)  # a view of the caller's k is never scaled in place
 
 
 def _pass(B: int, Hk: int, G: int, rows: torch.Tensor, ncol: int, kv_per_head: int, workspace: int | None):
@@ -369,19 +402,16 @@ def forward(q, k, v, out, scale, mask=None, mask_kind=0, key_padding=None, is_ca
     tokens = None if selected is None else torch.empty((B, H, Nq, selected.numel()), device=dev)
     ent = torch.empty((B, H, Nq), device=dev) if want_stats else None
     peak = torch.empty((B, H, Nq), device=dev) if want_stats else None
-    c2 = scale * LOG2E
-    copies = cols.token is not None or k.dtype != torch.float32
-    size, tiles = _pass(B, Hk, G, rows, Nk, Nk * (D + Dv) * 4 if copies else 0, workspace_bytes)
+    size, tiles = _pass(B, Hk, G, rows, Nk, _KV.bytes_per_head(Nk, D, Dv, v.dtype, cols), workspace_bytes)
     # Two tile buffers reused by every tile: fresh multi-MiB temporaries would fault their pages in
     # again each time. The second holds P apart from S - m, which the entropy needs.
-    buf_s = torch.empty(size, device=dev)
-    buf_p = torch.empty(size, device=dev) if want_stats else None
-    kv = _KV(k, v, cols)
+    buf_s, buf_p = (_buffers(size, 2, dev) if want_stats else _buffers(size, 1, dev) + [None])
+    kv = _KV(k, v, cols, scale * LOG2E)
     for b0, b1, g0, g1, s, e in tiles:
         k_cols, v_cols = kv.block(b0, b1, g0, g1)
         h0, h1 = g0 * G, g1 * G
         row_tok = torch.arange(s, e, device=dev) if is_causal else None
-        t = _scores(buf_s, q[b0:b1, h0:h1, s:e], k_cols, c2, slice(s, e), row_tok, cols, b0, b1, h0, h1,
+        t = _scores(buf_s, q[b0:b1, h0:h1, s:e], k_cols, slice(s, e), row_tok, cols, b0, b1, h0, h1,
                     mask, mask_kind, key_padding, is_causal, softcap)
         m = t.amax(-1, keepdim=True)
         t.sub_(m)
@@ -429,11 +459,9 @@ def maps_from_lse(q, k, lse, scale, maps, mask=None, mask_kind=0, key_padding=No
     rows_dev = rows.to(dev)
     # A fully masked row has LSE = -inf and every score NEG or -inf: +inf turns its P to exp2(-inf) = 0.
     lse2 = torch.where(torch.isneginf(lse), float("inf"), lse * LOG2E)
-    c2 = scale * LOG2E
-    copies = cols.token is not None or k.dtype != torch.float32
-    size, tiles = _pass(B, Hk, G, rows, Nk, Nk * D * 4 if copies else 0, workspace_bytes)
-    buf = torch.empty(size, device=dev)
-    kv = _KV(k, None, cols)
+    size, tiles = _pass(B, Hk, G, rows, Nk, _KV.bytes_per_head(Nk, D, 0, k.dtype, cols), workspace_bytes)
+    buf = _buffers(size, 1, dev)[0]
+    kv = _KV(k, None, cols, scale * LOG2E)
     for b0, b1, g0, g1, s, e in tiles:
         k_cols = kv.block(b0, b1, g0, g1)[0]
         h0, h1 = g0 * G, g1 * G
@@ -444,7 +472,7 @@ def maps_from_lse(q, k, lse, scale, maps, mask=None, mask_kind=0, key_padding=No
             r = rows_dev[s:e]
             q_rows, l_rows = q[b0:b1, h0:h1].index_select(2, r), lse2[b0:b1, h0:h1].index_select(2, r)
         row_tok = rows_dev[s:e] if is_causal else None
-        t = _scores(buf, q_rows, k_cols, c2, r, row_tok, cols, b0, b1, h0, h1, mask, mask_kind, key_padding,
+        t = _scores(buf, q_rows, k_cols, r, row_tok, cols, b0, b1, h0, h1, mask, mask_kind, key_padding,
                     is_causal, softcap)
         p = t.sub_(l_rows[..., None]).exp2_()
         for job, total in zip(jobs, totals):

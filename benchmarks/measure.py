@@ -17,7 +17,11 @@ prints one JSON row per task. Per task:
   3. timed calls: perf_counter (CPU) or CUDA events; median, p20, p80 of 7 calls (5 when a call
      takes over 0.3 s; on CPU, 3 when it takes over 2 s, the memory call being the first of them).
      On a shared machine, other processes' CPU use during the timed calls is recorded (others_cpu,
-     share of all cores) and a disturbed block (> 5%) is timed again, up to twice.
+     share of all cores) and a disturbed block (> 5%) is timed again, up to twice. With
+     cfg["paired"] (run.py --paired, capture providers), each timed call is preceded by a call of
+     torch SDPA on the same inputs, and the row also holds that SDPA's median (sdpa_paired_ms): a
+     ratio of two medians taken under the same load, alternating.
+cfg["threads"] (run.py --threads) sets torch.set_num_threads in the worker first.
 Task "forward" is the capture-free call (sdpa, attncap_plain); it has no request.
 Inputs: q, k, v [B, H, N, D] from torch.manual_seed(0), float32 on CPU, bfloat16 on CUDA.
 """
@@ -100,36 +104,42 @@ def others_cpu_ticks() -> int:
     return sum(ticks) - ticks[3] - ticks[4] - int(own[11]) - int(own[12])  # minus idle, iowait; utime, stime
 
 
-def timed(fn, device: str, repeats: int) -> tuple[list[float], float]:
-    """Milliseconds of ``repeats`` calls of fn, and the share of the machine's CPU time that other
-    processes took meanwhile (0.0 = we had the machine to ourselves)."""
-    times = []
+def one_call_ms(fn, device: str) -> float:
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def timed(fn, device: str, repeats: int, baseline=None) -> tuple[list[float], float, list[float]]:
+    """Milliseconds of ``repeats`` calls of fn, the share of the machine's CPU time that other
+    processes took meanwhile (0.0 = we had the machine to ourselves), and, with ``baseline``, the
+    milliseconds of a baseline call made before each call of fn (else [])."""
+    times, base = [], []
     ticks, wall = others_cpu_ticks(), time.perf_counter()
     for _ in range(repeats):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+        if baseline is not None:
+            base.append(one_call_ms(baseline, device))
+        times.append(one_call_ms(fn, device))
     capacity = (time.perf_counter() - wall) * os.sysconf("SC_CLK_TCK") * os.cpu_count()
-    return times, max(0.0, (others_cpu_ticks() - ticks) / capacity)
+    return times, max(0.0, (others_cpu_ticks() - ticks) / capacity), base
 
 
-def quiet_times(fn, device: str, repeats: int) -> tuple[list[float], float]:
+def quiet_times(fn, device: str, repeats: int, baseline=None) -> tuple[list[float], float, list[float]]:
     """timed(), tried up to 3 times (1 s apart) while other processes take over 5% of the CPU;
     the least disturbed attempt is kept. Blocks over 3 s are not retried (the suite's time)."""
-    best = timed(fn, device, repeats)
+    best = timed(fn, device, repeats, baseline)
     for _ in range(2):
-        if best[1] <= MAX_OTHERS or sum(best[0]) > 3000 or device == "cuda":
+        if best[1] <= MAX_OTHERS or sum(best[0]) + sum(best[2]) > 3000 or device == "cuda":
             break
         time.sleep(1.0)
-        best = min(best, timed(fn, device, repeats), key=lambda t: t[1])
+        best = min(best, timed(fn, device, repeats, baseline), key=lambda t: t[1])
     return best
 
 
@@ -210,14 +220,23 @@ def measure_task(cfg: dict, shape, task: str, q, k, v) -> dict:
         torch.cuda.synchronize()
     first_ms = (time.perf_counter() - start) * 1e3
     peak = memory.extra()
-    if device == "cpu" and first_ms > SLOW_MS:  # slow calls: the memory call is a timed sample too
-        times, others = timed(call, device, 2)
+    baseline = None
+    if cfg.get("paired") and request is not None:
+        sdpa = RUN["sdpa"]
+        baseline = lambda: sdpa(q, k, v, scale)  # noqa: E731
+        baseline()
+    if device == "cpu" and first_ms > SLOW_MS and baseline is None:  # the memory call is a timed sample too
+        times, others, base = timed(call, device, 2)
         times = [first_ms] + times
     else:
-        times, others = quiet_times(call, device, 7 if first_ms < 300 else 5)
+        times, others, base = quiet_times(call, device, 3 if first_ms > SLOW_MS else 7 if first_ms < 300 else 5,
+                                          baseline)
     p20, p50, p80 = np.percentile(times, [20, 50, 80])
-    return dict(median_ms=round(p50, 3), p20_ms=round(p20, 3), p80_ms=round(p80, 3), repeats=len(times),
-                peak_extra_mib=round(peak / MiB, 1), others_cpu=round(others, 3))
+    row = dict(median_ms=round(p50, 3), p20_ms=round(p20, 3), p80_ms=round(p80, 3), repeats=len(times),
+               peak_extra_mib=round(peak / MiB, 1), others_cpu=round(others, 3))
+    if base:
+        row["sdpa_paired_ms"] = round(float(np.median(base)), 3)
+    return row
 
 
 def naive_limit(device: str) -> int:
@@ -258,6 +277,8 @@ def triton_version() -> str:
 
 def worker(cfg: dict, conn) -> None:
     """Entry point of a worker process: sends its rows, or the error that stopped it, over conn."""
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg["threads"])
     try:
         conn.send(measure(cfg))
     except Exception as e:  # noqa: BLE001 - reported as error rows by run.py
@@ -266,5 +287,7 @@ def worker(cfg: dict, conn) -> None:
 
 
 if __name__ == "__main__":
+    if json.loads(sys.argv[1]).get("threads"):
+        torch.set_num_threads(json.loads(sys.argv[1])["threads"])
     for r in measure(json.loads(sys.argv[1])):
         print(json.dumps(r), flush=True)

@@ -2,6 +2,7 @@
 
     python benchmarks/run.py [--device cpu|cuda] [--out benchmarks/results-<device>.json]
                              [--shapes sd15_self,wan480_self] [--providers sdpa,naive]
+                             [--threads 1] [--paired] [--merge]
 
 Each (provider, shape) runs in a fresh process (benchmarks/measure.py, forked from a server that
 has only imported torch and attncap), so every peak-memory figure is that provider's alone. For
@@ -72,6 +73,10 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="default: benchmarks/results-<device>.json")
     ap.add_argument("--shapes", default=None, help="comma-separated shape names (default: all)")
     ap.add_argument("--providers", default=None, help=f"comma-separated, from {','.join(PROVIDERS)}")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads in every worker (default: torch's own, one per core)")
+    ap.add_argument("--paired", action="store_true",
+                    help="capture providers time SDPA before each of their calls too (sdpa_paired_ms)")
     ap.add_argument("--merge", action="store_true",
                     help="keep the rows of shapes this run does not measure from the existing --out file")
     args = ap.parse_args()
@@ -92,7 +97,8 @@ def main() -> None:
             for provider in (p for p in ORDER if p in wanted):
                 tasks = ["forward"] if provider in ("sdpa", "attncap_plain") else list(shape.tasks)
                 cfg = dict(provider=provider, shape=shape.name, device=args.device, tasks=tasks,
-                           scaled_from=scaled_from, refdir=refdir, save_ref=provider == "attncap_fused")
+                           scaled_from=scaled_from, refdir=refdir, save_ref=provider == "attncap_fused",
+                           threads=args.threads, paired=args.paired)
                 waited += wait_for_quiet(QUIET_WAIT_S) if args.device == "cpu" else 0.0
                 for row in run_worker(ctx, cfg):
                     rows.append(row)

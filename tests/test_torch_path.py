@@ -40,7 +40,9 @@ def test_two_relations_with_ragged_pools_any_tiling(monkeypatch, poison_outputs,
                        stats=("colsum", "entropy", "peak"), **image)
     second = MapRequest(heads=[4, 0, 5], query_range=(63, n), key_range=(0, 63), key_grid=(7, 9), key_pool=4,
                         stats=("colsum",))
+    k_before, v_before = k.clone(), v.clone()
     out, (a, b) = attncap.attention(q, k, v, request=[first, second], backend="torch")
+    assert torch.equal(k, k_before) and torch.equal(v, v_before)  # scaled and permuted copies, never in place
     for request, got in ((first, a), (second, b)):
         ref_out, ref = attention_reference(q, k, v, request=request)
         _check(got, ref)
