@@ -126,8 +126,7 @@ def section(rows: dict[str, list[dict]], rc: dict, env: str, trees: str) -> str:
               "present.", "",
               f"Recompiles a capture costs (tiny WanTransformer3DModel, one block, `model.compile(backend='aot_eager')`): "
               f"the model compiled {rc['compile_graphs']} graph(s); a captured call inside attncap.capture compiled "
-              f"{rc['during']} more (split around the two captured attention calls); the first call after the block "
-              f"{rc['after']} (the model whole again, attncap.compiled); later calls {rc['steady']}.", ""]
+              f"{rc['during']} more; the first call after the block {rc['after']}; later calls {rc['steady']}.", ""]
     return "\n".join(lines)
 
 
