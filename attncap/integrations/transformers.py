@@ -44,6 +44,9 @@ Token layouts (segments of a call, see attncap.session):
                    none: SigLIP); Pixtral packs every image of a call into one sequence: one "image"
                    segment per image; Mllama's tower holds an image's tiles, [cls, grid, "padding"] each.
                    Audio towers (Qwen-Omni): one "audio" segment per call. auto: image->image.
+  perceivers       Idefics2's resampler: queries "latents"; keys "image" (the tower's patches, on its
+                   (H/p, W/p) grid; without one, and a warning, when that grid is unknown) then "latents".
+                   auto: latents->image. Other attention inside get_*_features: "tokens" (no auto relation).
   sinks            a "sink" key segment after the real keys: the probability each query gives the sink.
   layout=          a user layout (attncap.integrations.generic) replaces all of the above.
 
@@ -68,7 +71,7 @@ import torch
 from ..session import CallLayout, CaptureSession, Segment
 from .generic import GenericCapture, all_relations, check_layout, check_steps, layout_for
 from .hf_attention import original_forward, sinks_of, with_sink
-from .vlm_layouts import MEDIA, AudioTower, MergeTower, PatchTower, TileTower, TokenSequence
+from .vlm_layouts import MEDIA, AudioTower, MergeTower, PatchTower, TileTower, TokenSequence, perceiver_layout
 from .vlm_media import VIDEO_IN_IMAGE_TOKENS, media_items
 
 ATTN = "attncap"
@@ -230,6 +233,8 @@ class TransformersCapture:
         self.token_ids: dict[str, int | None] = {}
         self._cross: set[int] = set()  # language-model attention modules whose keys are the vision tokens (Mllama)
         self._tile_tower: TileTower | None = None
+        self._perceivers: dict[int, int | None] = {}  # perceiver attention modules -> context tokens of their call
+        self._encoded: Any = None  # the vision tower that ran last in the media encoding under way
         self.vision_config = getattr(model.config, "vision_config", None)
 
     # -------------------------------------------------------------------------- install / restore
@@ -254,6 +259,7 @@ class TransformersCapture:
                 return
             self.names = {id(m): name for name, m in self.model.named_modules()}
             self._find_towers()
+            self._find_perceivers()
             self._find_cross_attention()
             self._wrap_media()
             self._watch_embedding_modules()
@@ -314,7 +320,7 @@ class TransformersCapture:
             if tiled:
                 self._tile_tower = tower
             self._hooks.append(root.register_forward_pre_hook(
-                lambda mod, args, kwargs, t=tower: t.begin(self, args, kwargs), with_kwargs=True))
+                lambda mod, args, kwargs, t=tower: self._tower_begins(t, args, kwargs), with_kwargs=True))
             for sub in root.modules():
                 self.towers[id(sub)] = tower
                 forward = getattr(type(sub), "forward", None)
@@ -322,6 +328,30 @@ class TransformersCapture:
                         "cu_seqlens" in inspect.signature(forward).parameters:
                     self._hooks.append(sub.register_forward_pre_hook(
                         lambda mod, args, kwargs, t=tower: t.on_attention_module(mod, args, kwargs), with_kwargs=True))
+
+    def _tower_begins(self, tower, args, kwargs) -> None:
+        self._encoded = tower
+        tower.begin(self, args, kwargs)
+
+    def _find_perceivers(self) -> None:
+        """Perceiver resamplers (Idefics2): attention modules whose forward takes the latents and the
+        context they resample; a pre-hook notes the context's length for the call's layout."""
+        for m in self.model.modules():
+            forward = getattr(type(m), "forward", None)
+            if id(m) in self.towers or forward is None or \
+                    not {"latents", "context"} <= set(inspect.signature(forward).parameters):
+                continue
+            signature = inspect.signature(forward)
+            self._perceivers[id(m)] = None
+
+            def before(mod, args, kwargs, signature=signature):
+                try:
+                    context = signature.bind_partial(mod, *args, **kwargs).arguments.get("context")
+                except TypeError:
+                    context = None
+                self._perceivers[id(mod)] = context.shape[1] if isinstance(context, torch.Tensor) else None
+
+            self._hooks.append(m.register_forward_pre_hook(before, with_kwargs=True))
 
     def _find_cross_attention(self) -> None:
         """Mllama's cross-attention layers (their forward takes cross_attention_states) attend from the
@@ -368,7 +398,7 @@ class TransformersCapture:
                     bound = signature.bind_partial(mod, *args, **kwargs).arguments
                 except TypeError:
                     bound = dict(kwargs)
-                self.modality = "image"
+                self.modality, self._encoded = "image", None
                 self._media.append(("image", {k: v for k, v in bound.items() if k != "self"}, None))
 
             def after(mod, args, kwargs, out):
@@ -393,7 +423,7 @@ class TransformersCapture:
                 self._begin_step()
                 self._prestepped = True
                 self._media = []
-            self.modality = modality
+            self.modality, self._encoded = modality, None
             try:
                 out = fn(*args, **kwargs)
             finally:
@@ -527,6 +557,11 @@ class TransformersCapture:
             defaults = TOWER_DEFAULT
         elif id(module) in self._cross:
             layout, defaults = self._cross_layout(nq, nk), ("text->image",)
+        elif id(module) in self._perceivers:
+            layout, problem = perceiver_layout(self._perceivers[id(module)], nq, nk, self._encoded)
+            defaults = ("latents->image",)
+            if problem is not None:
+                self._warn(f"perceiver:{problem}", f"attncap: {layer}: {problem}")
         else:
             found = self._lm_layout(nq, nk)
             if found is None:

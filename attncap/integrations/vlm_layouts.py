@@ -11,6 +11,7 @@ MergeTower      Qwen2-VL / Qwen2.5-VL vision towers: one attention call per fram
 PatchTower      CLIP / SigLIP towers (LLaVA-style): [cls] + the (H/patch, W/patch) grid.
 TileTower       Mllama's tiled tower, and the tile layout of its cross-attention keys.
 AudioTower      audio encoders (Qwen-Omni): each call is one "audio" segment.
+perceiver_layout  Idefics2's perceiver resampler: latents over [image patches on the tower's grid, latents].
 """
 from __future__ import annotations
 
@@ -155,6 +156,24 @@ def _place_item(item: MediaItem, kinds: torch.Tensor, code: int, pos: int, segid
         for j in chunk.unique().tolist():
             segs[number[j] - 1][1] += int((chunk == j).sum())
     return p
+
+
+def perceiver_layout(context: int | None, nq: int, nk: int, tower) -> tuple[CallLayout, str | None]:
+    """A perceiver resampler's call (Idefics2): its queries are the latents, its keys the context it
+    resamples then the latents again (Idefics2 concatenates [context, latents]). The context is the
+    vision tower's patches: on the tower's patch grid when the tower that just ran holds one image
+    grid of that many patches (masked padding patches keep their cells), else without a grid. Returns
+    the layout and what could not be known (None when nothing)."""
+    latents = Segment("latents", 0, nq)
+    if context is None or nk != context + nq:
+        return CallLayout((latents,), (Segment("tokens", 0, nk),)), \
+            f"its keys ({nk}) are not its context ({context}) and its {nq} latents; they are one 'tokens' segment"
+    grids = getattr(tower, "grids", None) or []
+    grid = grids[0] if len(grids) == 1 and grids[0][0] * grids[0][1] == context else None
+    keys = (Segment("image", 0, context, grid), Segment("latents", context, nk))
+    problem = None if grid is not None else \
+        f"the {context} image patches it resamples have no known grid (the vision tower's grid is {grids or None})"
+    return CallLayout((latents,), keys), problem
 
 
 # ----------------------------------------------------------------------------------- vision towers
