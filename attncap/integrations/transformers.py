@@ -50,8 +50,9 @@ Token layouts (segments of a call, see attncap.session):
   sinks            a "sink" key segment after the real keys: the probability each query gives the sink.
   layout=          a user layout (attncap.integrations.generic) replaces all of the above.
 
-Refused before the forward: attention modules in training mode with attention dropout (random, not
-reproducible). Limits: every batch element must have the same media structure (number of tokens per segment) for a
+Refused before the forward, for the layers selected (layers=): attention modules in training mode with
+attention dropout (random, not reproducible), and modules with attention sinks whose config shows logit
+softcapping (no exact form of both). Limits: every batch element must have the same media structure (number of tokens per segment) for a
 call to be captured (otherwise the call runs on the model's attention and a warning says so); caches
 whose key length is not the sequence length (static or sliding-window caches) give a single "tokens"
 key segment on VLMs. The permuted path materialises a bool mask [B, 1, Nq, Nk] for causal prefill of
@@ -191,20 +192,31 @@ def _feature_rows(out: Any) -> int | None:
 DROPOUT_ATTRS = ("attention_dropout", "dropout", "attn_dropout", "dropout_p")
 
 
-def refuse_unsupported(model: torch.nn.Module) -> None:
-    """Refuse, before anything runs, a model whose attention attncap cannot reproduce: an attention module
-    in training mode with a dropout probability (transformers passes it to the attention function then)
-    would drop random probabilities, so the maps would be of another attention than the one that ran.
-    Sinks with softcapping are refused at their first call (only the call shows that both are passed)."""
+def refuse_unsupported(model: torch.nn.Module, wants_layer) -> None:
+    """Refuse, before anything runs, a selected attention module (``wants_layer(name)``: the capture's
+    layers=) whose attention attncap cannot reproduce. Unselected modules run on the model's own
+    attention and are no concern of the capture.
+    - In training mode with a dropout probability (transformers passes it to the attention function
+      then): random dropped probabilities, so the maps would be of another attention than the one that ran.
+    - Attention sinks (a ``sinks`` parameter) with logit softcapping (``attn_logit_softcapping`` of the
+      module or its config): the sink's logit would be capped too, which is not eager's math. A call
+      that passes both without the config showing it is refused at that call."""
     for name, m in model.named_modules():
-        if not m.training or "Attention" not in type(m).__name__:
+        if "Attention" not in type(m).__name__ or not wants_layer(name):
             continue
-        for attr in DROPOUT_ATTRS:
+        for attr in DROPOUT_ATTRS if m.training else ():
             p = getattr(m, attr, None)
             if isinstance(p, (int, float)) and not isinstance(p, bool) and p > 0:
                 raise ValueError(f"attncap.capture: {name} has {attr}={p} and the model is in training mode, so its "
                                  "attention applies dropout, which attncap does not reproduce; call model.eval() "
-                                 "first (or set the dropout to 0)")
+                                 "first (or set the dropout to 0, or leave this layer out of layers=)")
+        cap = getattr(m, "attn_logit_softcapping", None)
+        if cap is None:
+            cap = getattr(getattr(m, "config", None), "attn_logit_softcapping", None)
+        if isinstance(getattr(m, "sinks", None), torch.Tensor) and cap:
+            raise ValueError(f"attncap.capture: {name} has attention sinks and logit softcapping "
+                             f"(attn_logit_softcapping={cap}); attncap has no exact form of both together, so capture "
+                             "would change the model's outputs; leave this layer out of layers=")
 
 
 class TransformersCapture:
@@ -241,7 +253,7 @@ class TransformersCapture:
     def install(self) -> None:
         check_steps(self.session, "generation")
         configs = _configs(self.model)
-        refuse_unsupported(self.model)
+        refuse_unsupported(self.model, self.session.config.wants_layer)
         register()
         self.token_ids = _token_ids(self.model, configs)
         try:
