@@ -97,28 +97,28 @@ class TokenSequence:
 
 def _place(kinds: torch.Tensor, queues: dict[str, list[MediaItem]], problems: list[str]) -> tuple[torch.Tensor, list]:
     """Segment ids of one batch element: the queued items placed at the media tokens, in order; a
-    media run no item fits becomes one grid-less segment (and a problem)."""
+    media run no item fits becomes one grid-less segment (and a problem). An item's chunks may have
+    other media between them (Qwen-Omni's use_audio_in_video interleaves a video's frames with audio
+    runs): the scan goes on at the first media token nothing holds yet."""
     segid = torch.zeros_like(kinds)
     segs: list[list] = []  # [name, count, grid, tag]
     pos, n = 0, kinds.numel()
     while pos < n:
+        free = ((kinds[pos:] != 0) & (segid[pos:] == 0)).nonzero()
+        if free.numel() == 0:
+            break
+        pos += int(free[0])
         code = int(kinds[pos])
-        if code == 0:
-            pos += 1
-            continue
         name = MEDIA[code - 1]
         queue = queues[name]
         if queue:
-            end = _place_item(queue[0], kinds, code, pos, segid, segs)
-            if end is not None:
+            if _place_item(queue[0], kinds, code, pos, segid, segs) is not None:
                 queue.pop(0)
-                pos = end
                 continue
             problems.append(f"a {name} at position {pos} does not have the token layout its inputs describe")
             queue.clear()
-        run_end = pos
-        while run_end < n and int(kinds[run_end]) == code:
-            run_end += 1
+        same = (kinds[pos:] != code) | (segid[pos:] != 0)
+        run_end = pos + (int(same.nonzero()[0]) if bool(same.any()) else n - pos)
         segs.append([name, run_end - pos, None, None])
         segid[pos:run_end] = len(segs)
         pos = run_end
