@@ -28,7 +28,7 @@ SPATIAL = ("image", "video")
 # segments whose keys are not words even without a grid: tokens= selects keys of the others (text, text_2, ...)
 NOT_WORDS = SPATIAL + ("image_ctx", "cond_image", "image_padding", "padding", "register", "duration", "global",
                        "history", "context", "joint", "audio", "sink", "cls", "image_newline", "image_break",
-                       "image_end")
+                       "image_end", "latents")
 
 
 @dataclass(frozen=True)

@@ -100,3 +100,13 @@ def test_unknown_patch_grid_warns_and_has_no_grid(model, monkeypatch):
         with torch.no_grad(), attncap.capture(model, layers=[PERCEIVER]) as store:
             model(**inputs_of(model))
     assert [(r.relation, r.key_grid, r.data.shape[-1]) for r in store.records] == [("latents->image", None, 64)]
+
+
+@pytest.mark.filterwarnings("ignore:attncap. idefics2. its image tokens have no grid")
+def test_tokens_select_text_keys_not_latents(model):
+    """tokens= indexes words: the latents are not words, so a text index past their count is no error
+    there, and no latents->latents record holds token columns."""
+    inputs = inputs_of(model)
+    with torch.no_grad(), attncap.capture(model, relations="all", tokens=[9], layers=[PERCEIVER]) as store:
+        model(**inputs)
+    assert store.records and all("keys" not in r.meta for r in store.records)
