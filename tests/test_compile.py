@@ -411,3 +411,27 @@ def test_compiled_layer_attncap_cannot_route_is_an_error_not_a_silent_gap():
     assert "down_blocks.0.attentions.0.transformer_blocks.0.attn2" in str(err.value)
     assert store.records and all(not r.layer.endswith("transformer_blocks.0.attn2") or "down" not in r.layer
                                  for r in store.records)
+
+
+def test_model_compiled_inside_the_block():
+    """Compiled inside the capture block: the first graph is the captured one (attention in it), the
+    records equal the eager capture's, and after the block the model compiles its plain graph once."""
+    model, inputs = _flux()
+    with torch.no_grad():
+        plain = model(**inputs)[0]
+    eager_store = _captured_run(model, inputs)[1]
+    counting = GraphCalls("aot_eager")
+    with torch.no_grad(), attncap.capture(model, relations="all", pool=2, stats=("entropy", "colsum")) as store:
+        model.compile(backend=counting)
+        outs = [model(**inputs)[0] for _ in range(2)]
+    assert counting.compiled and all(counting.compiled)
+    assert [(r.layer, r.relation, r.kind) for r in store.records] == \
+        [(r.layer, r.relation, r.kind) for r in eager_store.records]
+    for r, e in zip(store.records, eager_store.records):
+        torch.testing.assert_close(r.data, e.data, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs[0], plain, atol=1e-5, rtol=1e-5)
+    inside = len(counting.compiled)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs)[0], plain, atol=1e-5, rtol=1e-5)
+        model(**inputs)
+    assert len(counting.compiled) == inside + 1 and not counting.compiled[-1]
