@@ -174,6 +174,15 @@ class _MapJob:
         self.rows_contiguous = bool((pair_pos == torch.arange(int(pair_pos[0]), int(pair_pos[0]) + n)).all())
         self.bins_contiguous = self.rows_contiguous and bool((pair_bin == torch.arange(n)).all())
         self.one_bin = qplan.nbins == 1
+        # Pooled queries in token order come in runs of consecutive rows with one bin (a grid row's
+        # pw tokens under a (ph, pw) pool): with runs of one length L the rows are summed L at a time
+        # by reshape, and index_add_ adds L times fewer rows (it is per row, the slow part).
+        self.run = 1
+        if self.rows_contiguous and not self.bins_contiguous and not self.one_bin and n > 1:
+            starts = torch.cat([torch.zeros(1, dtype=torch.long), torch.nonzero(pair_bin[1:] != pair_bin[:-1])[:, 0] + 1])
+            lengths = torch.diff(torch.cat([starts, torch.tensor([n])]))
+            if bool((lengths == lengths[0]).all()):
+                self.run = int(lengths[0])
         self.pair_pos_dev, self.pair_bin_dev = pair_pos.to(device), pair_bin.to(device)
         self.scale = None
         if qplan.pooled or kplan.pooled:
@@ -202,8 +211,24 @@ class _MapJob:
                 dest[:, :, 0].add_(x.sum(2), alpha=alpha)
             elif self.bins_contiguous:  # unpooled query range in ascending order: pair i is bin i
                 dest[:, :, i0:i1].add_(x, alpha=alpha)
+            elif self.run > 1:
+                self._add_runs(dest, x, i0, i1, alpha)
             else:
                 dest.index_add_(2, self.pair_bin_dev[i0:i1], x, alpha=alpha)
+
+    def _add_runs(self, dest: torch.Tensor, x: torch.Tensor, i0: int, i1: int, alpha: float) -> None:
+        """dest[:, :, bin of pair i] += alpha * x[:, :, i - i0] for pairs i0:i1 whose bins come in
+        runs of self.run: whole runs summed by reshape first, a tile's partial runs at its ends as they are."""
+        L = self.run
+        a0, a1 = -(-i0 // L) * L, i1 // L * L
+        if a0 >= a1:
+            dest.index_add_(2, self.pair_bin_dev[i0:i1], x, alpha=alpha)
+            return
+        runs = x[:, :, a0 - i0:a1 - i0].unflatten(2, ((a1 - a0) // L, L)).sum(3)
+        dest.index_add_(2, self.pair_bin_dev[a0:a1:L], runs, alpha=alpha)
+        for j0, j1 in ((i0, a0), (a1, i1)):
+            if j0 < j1:
+                dest.index_add_(2, self.pair_bin_dev[j0:j1], x[:, :, j0 - i0:j1 - i0], alpha=alpha)
 
     def _heads(self, p: torch.Tensor, h0: int, h1: int):
         """(groups of total, [bb, n, c, Ncol] sums of their heads in h0:h1) for this tile's heads."""
@@ -250,7 +275,7 @@ def _prepare(maps, Nk: int, rows_key, rows_fn, device: torch.device) -> tuple[_C
     key = (tuple(id(x) for m in maps for x in m), Nk, rows_key, device)
     hit = _PREP_CACHE.get(key)
     if hit is not None and all(a is b for m, n in zip(hit[0], maps) for a, b in zip(m, n)):
-        _PREP_CACHE.move_to_end(key)
+        _PREP_CACHE[key] = _PREP_CACHE.pop(key, hit)  # most recent last; pop(key, default) never raises
         return hit[1:]
     cols = _columns(maps, Nk, device)
     rows = rows_fn()
@@ -261,22 +286,27 @@ def _prepare(maps, Nk: int, rows_key, rows_fn, device: torch.device) -> tuple[_C
     return cols, jobs, rows
 
 
-def _tiles(B: int, Hk: int, G: int, rows: int, ncol: int, kv_per_head: int, workspace: int) -> tuple[int, int, int]:
-    """(bb, hb, c): batches, key heads and query rows per tile, so that two tile buffers, about one
-    tile of temporaries and the tile's K/V copies (kv_per_head bytes per batch and key head) fit in
-    ``workspace``, with tiles of at most TILE_BYTES. A tile keeps MIN_ROWS rows (matmul efficiency)
-    before it splits heads, then batches."""
+def _tiles(B: int, Hk: int, G: int, rows: int, ncol: int, kv_per_head: int,
+           workspace: int) -> tuple[int, int, int, bool]:
+    """(bb, hb, c, whole): batches, key heads and query rows per tile, so that two tile buffers, about
+    one tile of temporaries and the K/V copies (kv_per_head bytes per batch and key head) fit in
+    ``workspace``, with tiles of at most TILE_BYTES. The copies of every batch and key head are made
+    once (whole) when they take at most a quarter of the workspace, else per tile. A tile keeps
+    MIN_ROWS rows (matmul efficiency) before it splits heads, then batches."""
+    whole = B * Hk * kv_per_head <= workspace // 4
+    per_tile = 0 if whole else kv_per_head
+
     def fits(bb: int, hb: int) -> bool:
-        return bb * hb * (G * ncol * 4 * min(rows, MIN_ROWS) + kv_per_head) <= min(TILE_BYTES, workspace // 4)
+        return bb * hb * (G * ncol * 4 * min(rows, MIN_ROWS) + per_tile) <= min(TILE_BYTES, workspace // 4)
 
     bb, hb = B, Hk
     while hb > 1 and not fits(bb, hb):
         hb = (hb + 1) // 2
     while bb > 1 and not fits(bb, hb):
         bb = (bb + 1) // 2
-    target = max(1, min(TILE_BYTES, (workspace - bb * hb * kv_per_head) // 3))
+    target = max(1, min(TILE_BYTES, (workspace - (B * Hk if whole else bb * hb) * kv_per_head) // 3))
     c = max(1, min(rows, target // (bb * hb * G * ncol * 4)))
-    return bb, hb, -(-rows // -(-rows // c))  # as many tiles, evenly filled (no short last tile)
+    return bb, hb, -(-rows // -(-rows // c)), whole  # as many tiles, evenly filled (no short last tile)
 
 
 def _buffers(n: int, count: int, device: torch.device) -> list[torch.Tensor]:
@@ -338,13 +368,17 @@ class _KV:
     """Keys and values of a tile's batches and key heads, fp32, rows in column order, the keys
     times ``c2`` (scale * log2 e: the scores come out of the matmul in log2 units; Ncol x D numbers
     scaled once per block instead of c x D query numbers per tile, and no fresh query-sized
-    temporary per tile): copies (a small fraction of a tile's matmul; values are a view when
-    nothing changes), kept while consecutive tiles share the block (tiles of one block's rows) and
-    dropped when the next block begins, so no copy of all heads ever lives at once."""
+    temporary per tile): copies (values are a view when nothing changes). ``whole``: of every batch
+    and key head at once, when they are small (_tiles decides); else per block, kept while
+    consecutive tiles share the block and dropped when the next block begins."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor | None, cols: _Columns, c2: float):
+    def __init__(self, k: torch.Tensor, v: torch.Tensor | None, cols: _Columns, c2: float, whole: bool):
         self.k, self.v, self.cols, self.c2 = k, v, cols, c2
         self.key, self.last = None, None
+        if whole:
+            B, Hk = k.shape[:2]
+            self.key, self.last = (0, B, 0, Hk), self._copies(0, B, 0, Hk)
+        self.whole = whole
 
     @staticmethod
     def bytes_per_head(Nk: int, D: int, Dv: int, v_dtype: torch.dtype, cols: _Columns) -> int:
@@ -352,12 +386,15 @@ class _KV:
         return Nk * D * 4 + (Nk * Dv * 4 if Dv and (cols.token is not None or v_dtype != torch.float32) else 0)
 
     def block(self, b0: int, b1: int, g0: int, g1: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.whole:
+            return tuple(None if x is None else x[b0:b1, g0:g1] for x in self.last)
         if self.key != (b0, b1, g0, g1):
             self.last = None  # free the previous block's copies before making the next ones
-            k = self._take(self.k, b0, b1, g0, g1, self.c2)
-            self.last = (k, None if self.v is None else self._take(self.v, b0, b1, g0, g1))
-            self.key = (b0, b1, g0, g1)
+            self.last, self.key = self._copies(b0, b1, g0, g1), (b0, b1, g0, g1)
         return self.last
+
+    def _copies(self, b0: int, b1: int, g0: int, g1: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self._take(self.k, b0, b1, g0, g1, self.c2), None if self.v is None else self._take(self.v, b0, b1, g0, g1)
 
     def _take(self, x: torch.Tensor, b0: int, b1: int, g0: int, g1: int, scale: float | None = None) -> torch.Tensor:
         x = x[b0:b1, g0:g1]
@@ -371,12 +408,14 @@ class _KV:
 
 
 def _pass(B: int, Hk: int, G: int, rows: torch.Tensor, ncol: int, kv_per_head: int, workspace: int | None):
-    """(tile elements, every tile of a pass over ``rows`` (host, ascending) as (b0, b1, g0, g1, s, e)).
-    Heads vary fastest: the products' rows of a block of queries stay in cache across its heads."""
-    bb, hb, c = _tiles(B, Hk, G, rows.numel(), ncol, kv_per_head, WORKSPACE_BYTES if workspace is None else workspace)
+    """(tile elements, every tile of a pass over ``rows`` (host, ascending) as (b0, b1, g0, g1, s, e),
+    whether K/V copies are made whole: see _tiles). Heads vary fastest: the products' rows of a
+    block of queries stay in cache across its heads."""
+    bb, hb, c, whole = _tiles(B, Hk, G, rows.numel(), ncol, kv_per_head,
+                              WORKSPACE_BYTES if workspace is None else workspace)
     tiles = [(b0, min(B, b0 + bb), g0, min(Hk, g0 + hb), s, min(rows.numel(), s + c))
              for b0 in range(0, B, bb) for s in range(0, rows.numel(), c) for g0 in range(0, Hk, hb)]
-    return bb * hb * G * c * ncol, tiles
+    return bb * hb * G * c * ncol, tiles, whole
 
 
 @_device_errors
@@ -402,11 +441,11 @@ def forward(q, k, v, out, scale, mask=None, mask_kind=0, key_padding=None, is_ca
     tokens = None if selected is None else torch.empty((B, H, Nq, selected.numel()), device=dev)
     ent = torch.empty((B, H, Nq), device=dev) if want_stats else None
     peak = torch.empty((B, H, Nq), device=dev) if want_stats else None
-    size, tiles = _pass(B, Hk, G, rows, Nk, _KV.bytes_per_head(Nk, D, Dv, v.dtype, cols), workspace_bytes)
+    size, tiles, whole = _pass(B, Hk, G, rows, Nk, _KV.bytes_per_head(Nk, D, Dv, v.dtype, cols), workspace_bytes)
     # Two tile buffers reused by every tile: fresh multi-MiB temporaries would fault their pages in
     # again each time. The second holds P apart from S - m, which the entropy needs.
     buf_s, buf_p = (_buffers(size, 2, dev) if want_stats else _buffers(size, 1, dev) + [None])
-    kv = _KV(k, v, cols, scale * LOG2E)
+    kv = _KV(k, v, cols, scale * LOG2E, whole)
     for b0, b1, g0, g1, s, e in tiles:
         k_cols, v_cols = kv.block(b0, b1, g0, g1)
         h0, h1 = g0 * G, g1 * G
@@ -459,9 +498,9 @@ def maps_from_lse(q, k, lse, scale, maps, mask=None, mask_kind=0, key_padding=No
     rows_dev = rows.to(dev)
     # A fully masked row has LSE = -inf and every score NEG or -inf: +inf turns its P to exp2(-inf) = 0.
     lse2 = torch.where(torch.isneginf(lse), float("inf"), lse * LOG2E)
-    size, tiles = _pass(B, Hk, G, rows, Nk, _KV.bytes_per_head(Nk, D, 0, k.dtype, cols), workspace_bytes)
+    size, tiles, whole = _pass(B, Hk, G, rows, Nk, _KV.bytes_per_head(Nk, D, 0, k.dtype, cols), workspace_bytes)
     buf = _buffers(size, 1, dev)[0]
-    kv = _KV(k, None, cols, scale * LOG2E)
+    kv = _KV(k, None, cols, scale * LOG2E, whole)
     for b0, b1, g0, g1, s, e in tiles:
         k_cols = kv.block(b0, b1, g0, g1)[0]
         h0, h1 = g0 * G, g1 * G

@@ -134,7 +134,9 @@ def torch_path_table(rows: dict, shapes: list[str]) -> list[str]:
              "most 2.00x for every product; the pooled map never slower than the unpooled one. * marks a "
              "timing taken while other processes used over 10% of the CPU: with 2 threads every parallel op "
              "then waits for the second core (~2 ms each, measured), which a many-op path pays many times "
-             "and SDPA once.", "",
+             "and SDPA once. Peak extra memory is what a warmed-up call adds: the torch path keeps its CPU "
+             "tile buffers (at most attncap.cpu_path.RETAIN_BYTES, 16 MiB, per thread) allocated between "
+             "calls, so they are not in it (tests/test_memory.py measures a first call, buffers included).", "",
              "| shape | " + " | ".join(TASKS) + " |", "|---|" + "---:|" * len(TASKS)]
     over, slower = [], []
     for shape in shapes:

@@ -25,12 +25,15 @@ def _check(got: dict, ref: dict, **tol) -> None:
         torch.testing.assert_close(got[name].double(), want, **(tol or TOL), msg=lambda m, n=name: f"{n}: {m}")
 
 
-@pytest.mark.parametrize("tile_bytes", [2**40, 2 * 74 * 4 * 7], ids=["one-tile", "split-batches-heads-rows"])
-def test_two_relations_with_ragged_pools_any_tiling(monkeypatch, poison_outputs, tile_bytes):
+@pytest.mark.parametrize("tile_bytes, workspace", [(2**40, 2**40), (2 * 74 * 4 * 7, 2**40), (2 * 74 * 4 * 7, 400_000)],
+                         ids=["one-tile", "split-batches-heads-rows", "split-with-kv-copies-per-tile"])
+def test_two_relations_with_ragged_pools_any_tiling(monkeypatch, poison_outputs, tile_bytes, workspace):
     """A joint [image 7x9, text 11] sequence, GQA, two requests whose pooled key axes differ (the
     first orders the score columns, the second is gathered), heads in no order, and tiles that cut
-    through batches, key heads and queries (7 rows of one key head's 2 query heads per tile)."""
+    through batches, key heads and queries (7 rows of one key head's 2 query heads per tile); the
+    K/V copies made once for all heads, or (a workspace too small for that) per tile."""
     monkeypatch.setattr(cpu_path, "TILE_BYTES", tile_bytes)
+    monkeypatch.setattr(cpu_path, "WORKSPACE_BYTES", workspace)
     monkeypatch.setattr(cpu_path, "MIN_ROWS", 7)
     n = 63 + 11
     q = torch.randn(2, 6, n, 40)
@@ -68,6 +71,25 @@ def test_masked_rows_across_tiles(monkeypatch, poison_outputs, mask):
                          queries=[9, 44], stats=("colsum", "entropy", "peak"))
     out, got = attncap.attention(q, k, v, request=request, backend="torch", **kw)
     ref_out, ref = attention_reference(q, k, v, request=request, **kw)
+    _check(got, ref)
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows_per_tile", [48, 7], ids=["one-tile", "tiles-cut-runs"])
+def test_query_pooling_by_runs_any_tiling(monkeypatch, poison_outputs, rows_per_tile):
+    """Queries pooled (2, 4) on a 6x8 grid come in runs of 4 rows per bin (summed by reshape before
+    index_add_); tiles of 7 rows cut runs at both ends. float64 reference, GQA, two batches."""
+    monkeypatch.setattr(cpu_path, "TILE_BYTES", 2 * 60 * 4 * rows_per_tile)  # both query heads of a key head
+    monkeypatch.setattr(cpu_path, "MIN_ROWS", rows_per_tile)
+    q, k, v = torch.randn(2, 4, 48, 72), torch.randn(2, 2, 60, 72), torch.randn(2, 2, 60, 40)
+    request = MapRequest(heads="mean", map=True, query_range=(0, 48), query_grid=(6, 8), query_pool=(2, 4),
+                         key_range=(0, 48), key_grid=(6, 8), key_pool=2, stats=("colsum", "entropy"))
+    qp = plan_range(0, 48, (6, 8), (2, 4))
+    job = cpu_path._MapJob(qp, qp, torch.zeros(1, 4, dtype=torch.int32), cpu_path._columns([], 60, q.device),
+                           torch.arange(60), q.device)
+    assert job.run == 4
+    out, got = attncap.attention(q, k, v, request=request, backend="torch")
+    ref_out, ref = attention_reference(q, k, v, request=request)
     _check(got, ref)
     torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
 
