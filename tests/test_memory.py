@@ -75,3 +75,11 @@ def test_peak_extra_memory_is_products_plus_the_workspace():
     print(f"peak extra {default['extra'] / MiB:.1f} MiB (workspace 64 MiB), {small['extra'] / MiB:.1f} MiB "
           f"(16 MiB) vs naive probabilities {default['naive'] / GiB:.2f} GiB")
 
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status (Linux)")
+def test_a_large_product_is_not_copied_on_the_way_out():
+    """The default configuration (4 MiB tiles, 64 MiB bound) with a 96 MiB product."""
+    m = _measure(64 * MiB, "map")
+    assert m["naive"] > 2 * GiB and m["kept"] > 96 * MiB
+    assert m["extra"] <= m["kept"] + 64 * MiB + 4 * MiB, m  # a second copy of the map would add 96 MiB
+    print(f"peak extra {m['extra'] / MiB:.1f} MiB for {m['kept'] / MiB:.1f} MiB of results (workspace 64 MiB)")
