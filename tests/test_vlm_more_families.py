@@ -170,7 +170,8 @@ def test_thw_generate_same_ids_and_grids_kept(thw):
 # ----------------------------------------------------------------------------------- Mllama
 CROSS = "model.language_model.layers.1.cross_attn"
 # 4 tiles of [cls, 4x4 patches]: two real (aspect ratio 1x2), two padding tiles
-TILES = [(name, n, grid, tag) for tag in ("tile 0 of 2", "tile 1 of 2", "padding tile", "padding tile")
+TILES = [(name, n, grid, tag) for tag in ("tile 0 of 2: row 0, col 0 of 1x2", "tile 1 of 2: row 0, col 1 of 1x2",
+                                          "padding tile", "padding tile")
          for name, n, grid in (("cls", 1, None), ("image", 16, (4, 4)))]
 
 

@@ -9,7 +9,7 @@ variants (sinks, softcapping, eager-only).
     internvl         InternVL            one tile, 8x8 patches pixel-shuffled (0.5) to 4x4, class token dropped
     gemma3           Gemma 3             8x8 patches average-pooled to mm_tokens_per_image = 16 -> 4x4
     paligemma        PaliGemma           8x8 patches (SigLIP, no class token), bidirectional prefix
-    idefics3         Idefics3            2 tiles of 8x8 patches (scale 2 -> 4x4), a blank padding tile dropped
+    idefics3         Idefics3            2 images of 8x8 patches (scale 2 -> 4x4), not split; a blank padding tile dropped
     smolvlm          SmolVLM             the same (Idefics3-style connector)
     mistral3         Mistral 3 / Pixtral 32x48 pixels, patch 4, merge 2 -> 4x6 with [IMG_BREAK] / [IMG_END]
     llama4           Llama 4             one tile, 8x8 patches, class token last in the tower, shuffle -> 4x4
@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 
 IMAGE, BREAK, END, PAD = 60, 57, 58, 0
+FAKE, GLOBAL_IMG = 50, 49  # Idefics3 / SmolVLM: <fake_token_around_image>, <global-img>
 
 TEXT = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=8, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
@@ -228,15 +229,21 @@ def feature_rows(model, pixels: dict) -> list[int]:
 
 def vlm_inputs(name: str, model, seed: int = 0) -> dict:
     """input_ids [1, N]: two text tokens, the images' tokens (text between feature groups), three text
-    tokens; for Mistral 3 every row of [IMG] ends with [IMG_BREAK] and the last with [IMG_END]."""
+    tokens; for Mistral 3 every row of [IMG] ends with [IMG_BREAK] and the last with [IMG_END]; Idefics3 /
+    SmolVLM write each tile as their processors write an image that is not split (fake, global-img, tokens, fake)."""
     pixels = VLMS[name][1](model, seed=seed)
     rows = feature_rows(model, pixels)
+    if name in ("idefics3", "smolvlm"):  # one feature group holds every real tile
+        real = int((pixels["pixel_values"] != 0).flatten(2).any(2).sum())
+        rows = [sum(rows) // real] * real
     ids = [5, 6]
     for i, n in enumerate(rows):
         if name == "mistral3":
             h, w = (int(s) // 8 for s in pixels["image_sizes"][i])
             for r in range(h):
                 ids += [IMAGE] * w + [END if r == h - 1 else BREAK]
+        elif name in ("idefics3", "smolvlm"):
+            ids += [FAKE, GLOBAL_IMG] + [IMAGE] * n + [FAKE, 7]
         else:
             ids += [IMAGE] * n + [7]
     ids += [8, 9, 10]

@@ -505,8 +505,8 @@ class TransformersCapture:
                 continue  # audio: one grid-less segment per run of its tokens, no rule needed
             calls = [(inputs, rows) for m, inputs, rows in self._media if m == modality]
             found = []
-            for inputs, rows in calls:
-                got = media_items(base, base.config, inputs, modality)
+            for inputs, rows in calls:  # one encoding of the prompt's images: their tiles' structure is in ids
+                got = media_items(base, base.config, inputs, modality, ids if len(calls) == 1 else None)
                 if got is None:
                     found = None
                     notes.append(f"attncap knows no {modality} token layout for model_type {kind!r}")
@@ -519,6 +519,9 @@ class TransformersCapture:
                 found.extend(got)
                 notes += sorted({f"its {modality} tokens have no grid: {p.no_grid}" for item in got for p in item.pieces
                                  if p.no_grid is not None})
+                for why in sorted({p.no_layout for item in got for p in item.pieces if p.no_layout is not None}):
+                    self._warn(f"tiles:{why}", f"attncap: {kind}: the tile arrangement of its images (rows x cols of "
+                                               f"tiles, global view) is not recorded: {why}; each tile keeps its grid")
             if not calls:
                 notes.append(f"no {modality} inputs were seen (get_{modality}_features was not called)")
             items[modality] = found or None

@@ -182,7 +182,9 @@ class MergeTower:
     Qwen2.5-VL, window order). A full-attention block calls attention once per frame (cu_seqlens):
     one segment on the frame's (h, w) patch grid. A Qwen2.5-VL window block calls it once per window
     (cu_window_seqlens): one segment on the window's own (rows, cols) patch grid, tagged with where the
-    window lies on its frame ("window 2 of 6: rows 0:4, cols 8:12 of (8, 12)"). Rows of both are put
+    window lies on its frame ("window 2 of 6: rows 0:4, cols 8:12 of (8, 12)"). When the call holds
+    several images or videos (or a video several frames), tags start with which ("image 1 of 3, ",
+    "video 0 of 2, frame 1 of 4, "); a full-attention frame is tagged with that alone. Rows of both are put
     in row-major order. Kimi-K2.5's tower is the same with row-major patches (it merges after the tower).
 
     Shape legend: n tokens of the tower's sequence (every frame of the call), u = n / m² merge units."""
@@ -227,34 +229,36 @@ class MergeTower:
         # Merge unit u (original order) -> its frame chunk and the row-major index of its top-left patch.
         frame_of = torch.empty(total_units, dtype=torch.long)
         corner = torch.empty(total_units, dtype=torch.long)
-        frames = []  # per frame chunk: (h, w, frame index in its medium, frames of the medium)
+        frames = []  # per frame chunk: (h, w, frame index in its medium, frames of the medium, its medium's tag)
         u0 = 0
-        for t, h, w in grids:
+        for i, (t, h, w) in enumerate(grids):
+            medium = f"{modality} {i} of {len(grids)}" if len(grids) > 1 else None
             hm, wm = h // m, w // m
             local = torch.arange(hm * wm)
             hb, wb = local // wm, local % wm
             for f in range(t):
                 frame_of[u0:u0 + hm * wm] = len(frames)
                 corner[u0:u0 + hm * wm] = hb * m * w + wb * m
-                frames.append((h, w, f, t))
+                frames.append((h, w, f, t, medium))
                 u0 += hm * wm
         sub = torch.arange(unit)  # token (ih, iw) = divmod(sub, m) inside its merge unit
         token_frame = frame_of[window_index].repeat_interleave(unit)
-        width = torch.tensor([w for _, w, _, _ in frames])[token_frame]
+        width = torch.tensor([frame[1] for frame in frames])[token_frame]
         rowmajor = corner[window_index].repeat_interleave(unit) + (sub // m).repeat(total_units) * width + \
             (sub % m).repeat(total_units)
         chunks, start = [], 0
-        for c, (h, w, _, _) in enumerate(frames):
+        for c, (h, w, f, t, medium) in enumerate(frames):
             n = h * w
             if not bool((token_frame[start:start + n] == c).all()):
                 return
             order = torch.argsort(rowmajor[start:start + n])
             if not bool((rowmajor[start:start + n][order] == torch.arange(n)).all()):
                 return
-            chunks.append((modality, (h, w), order, None))
+            chunks.append((modality, (h, w), order, ", ".join(x for x in (medium, f"frame {f} of {t}" if t > 1 else None)
+                                                               if x) or None))
             start += n
         self.chunks = chunks
-        self.full_cu = torch.tensor([0] + [h * w for h, w, _, _ in frames]).cumsum(0)
+        self.full_cu = torch.tensor([0] + [frame[0] * frame[1] for frame in frames]).cumsum(0)
         self._where = (token_frame, rowmajor, frames)
         self._modality = modality
 
@@ -273,7 +277,7 @@ class MergeTower:
                 out.append([c, per_frame[c] - 1, s, e])
             self._windows = []
             for c, j, s, e in out:
-                h, w, f, t = frames[c]
+                h, w, f, t, medium = frames[c]
                 idx = rowmajor[s:e]
                 r, col = idx // w, idx % w
                 r0, r1, c0, c1 = int(r.min()), int(r.max()) + 1, int(col.min()), int(col.max()) + 1
@@ -281,7 +285,7 @@ class MergeTower:
                 order = torch.argsort(local)
                 exact = bool((token_frame[s:e] == c).all()) and (r1 - r0) * (c1 - c0) == e - s and \
                     bool((local[order] == torch.arange(e - s)).all())
-                frame = f"frame {f} of {t}, " if t > 1 else ""
+                frame = (f"{medium}, " if medium else "") + (f"frame {f} of {t}, " if t > 1 else "")
                 tag = f"{frame}window {j} of {per_frame[c]}: rows {r0}:{r1}, cols {c0}:{c1} of ({h}, {w})"
                 self._windows.append((self._modality, (r1 - r0, c1 - c0), order, tag) if exact else
                                      (self._modality, None, None, f"{frame}window {j} of {per_frame[c]}"))
@@ -392,38 +396,72 @@ class TileTower:
     [B, I, T] marks the real ones): every call holds the T tiles of one image, each [cls, (g, g) patches,
     padding up to a multiple of 8], g = image_size / patch_size. The language model's cross-attention
     layers read the same tiles without the padding: ``cross_keys`` is their layout (I * T * (1 + g * g)
-    keys per batch element), kept until the next image is encoded (generate() caches those keys)."""
+    keys per batch element), kept until the next image is encoded (generate() caches those keys).
+    Tiles are tagged with their place: aspect_ratio_ids [B, I] index (from 1) the vision config's
+    supported_aspect_ratios, (rows, cols) of tiles, filled row-major as the processor splits the image
+    ("tile 2 of 6: row 0, col 2 of 2x3", "padding tile"; "image i of I, " first when I > 1)."""
 
     def __init__(self, root: torch.nn.Module):
         self.root = root
-        self.tiles: list[str] | None = None  # one tag per tile of an image
-        self.images = 0
+        self.tiles: list[list[str | None]] | None = None  # per image, one tag per tile
+        self.tower_tags: list[str | None] | None = None  # per tile, shared by every image of the call
         self.cross_keys: tuple[Segment, ...] | None = None
         cfg = getattr(root, "config", None)
         patch, side = patch_side(getattr(cfg, "patch_size", None)), patch_side(getattr(cfg, "image_size", None))
         self.g = side // patch if patch and side and side % patch == 0 else None
+        self.ratios = [tuple(r) for r in getattr(cfg, "supported_aspect_ratios", None) or ()]
+
+    def _tags(self, real: torch.Tensor, ratio: torch.Tensor | None) -> tuple[list[str | None], str | None]:
+        """Tile tags shared by the images of real [R, T] (and aspect ratio ids [R]), and what is not known."""
+        if not bool((real == real[0]).all()):
+            return [None] * real.shape[1], None
+        n = int(real[0].sum())
+        arrangement, why = None, None
+        if ratio is None or not bool((ratio == ratio[0]).all()):
+            why = "no aspect_ratio_ids shared by the images reached the vision tower"
+        elif not 1 <= int(ratio[0]) <= len(self.ratios):
+            why = f"aspect ratio id {int(ratio[0])} is not one of the config's {len(self.ratios)} supported_aspect_ratios"
+        else:
+            rows, cols = self.ratios[int(ratio[0]) - 1]
+            if rows * cols != n or not bool(real[0, :n].all()):
+                why = f"aspect ratio {rows}x{cols} does not hold the {n} real tiles of aspect_ratio_mask"
+            else:
+                arrangement = (rows, cols)
+        tags = []
+        for j in range(real.shape[1]):
+            tag = f"tile {j} of {n}" if bool(real[0, j]) else "padding tile"
+            if arrangement is not None and bool(real[0, j]):
+                tag += f": row {j // arrangement[1]}, col {j % arrangement[1]} of {arrangement[0]}x{arrangement[1]}"
+            tags.append(tag)
+        return tags, why
 
     def begin(self, owner: "TransformersCapture", args, kwargs) -> None:
         pv = kwargs.get("pixel_values", args[0] if args else None)
+        ids = kwargs.get("aspect_ratio_ids", args[1] if len(args) > 1 else None)
         mask = kwargs.get("aspect_ratio_mask", args[2] if len(args) > 2 else None)
-        self.tiles = self.cross_keys = None
+        self.tiles = self.tower_tags = self.cross_keys = None
         if self.g is None or not isinstance(pv, torch.Tensor) or pv.dim() != 6 or pv.shape[-1] != pv.shape[-2]:
             return
-        n_tiles = pv.shape[2]
-        real = mask.reshape(-1, n_tiles).bool() if isinstance(mask, torch.Tensor) else torch.ones(1, n_tiles, dtype=torch.bool)
-        counts = real.sum(1)
-        # A tag says "tile j of n" where every image of the call agrees on which tiles are real.
-        same = bool((real == real[0]).all())
-        n = int(counts[0])
-        self.tiles = [(f"tile {j} of {n}" if bool(real[0, j]) else "padding tile") if same else None
-                      for j in range(n_tiles)]
-        self.images = pv.shape[1]
-        self.cross_keys = self._segments(pad=0, images=self.images)
+        b, images, n_tiles = pv.shape[:3]
+        real = mask.reshape(b, images, n_tiles).bool().cpu() if isinstance(mask, torch.Tensor) and \
+            mask.numel() == b * images * n_tiles else torch.ones(b, images, n_tiles, dtype=torch.bool)
+        ids = ids.reshape(b, images).cpu() if isinstance(ids, torch.Tensor) and ids.numel() == b * images else None
+        # The tower's calls hold one image each: tags there only where every image of the call agrees.
+        self.tower_tags, _ = self._tags(real.flatten(0, 1), None if ids is None else ids.flatten())
+        self.tiles, why = [], None
+        for i in range(images):  # the cross-attention keys: each image's tiles, tags shared by the batch
+            tags, why_i = self._tags(real[:, i], None if ids is None else ids[:, i])
+            self.tiles.append([tag if images == 1 or tag is None else f"image {i} of {images}, {tag}" for tag in tags])
+            why = why or why_i
+        if why is not None:
+            owner._warn(f"tiles:{why}", f"attncap: mllama: the tile arrangement (rows x cols of tiles) is not "
+                                        f"recorded: {why}; each tile keeps its grid")
+        self.cross_keys = self._segments(0, self.tiles)
 
-    def _segments(self, pad: int, images: int) -> tuple[Segment, ...]:
+    def _segments(self, pad: int, tiles: list[list[str | None]]) -> tuple[Segment, ...]:
         segs, pos, hw = [], 0, self.g * self.g
-        for _ in range(images):
-            for tag in self.tiles:
+        for tags in tiles:
+            for tag in tags:
                 segs.append(Segment("cls", pos, pos + 1, None, tag))
                 segs.append(Segment("image", pos + 1, pos + 1 + hw, (self.g, self.g), tag))
                 pos += 1 + hw
@@ -437,12 +475,12 @@ class TileTower:
 
     def layout(self, module, q, k):
         n = q.shape[2]
-        if self.tiles is None or k.shape[2] != n:
+        if self.tower_tags is None or k.shape[2] != n:
             return None
         per = 1 + self.g * self.g
         per_padded = per + (8 - per % 8) % 8  # the tower pads each tile to a multiple of 8 tokens
-        if n != len(self.tiles) * per_padded:
+        if n != len(self.tower_tags) * per_padded:
             segs = (Segment("image", 0, n),)  # a layout this tower does not explain: no grid
         else:
-            segs = self._segments(pad=per_padded - per, images=1)
+            segs = self._segments(per_padded - per, [self.tower_tags])
         return CallLayout(segs, segs), None

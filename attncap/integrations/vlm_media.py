@@ -13,6 +13,7 @@ Shape legend: N images (or tiles), C channels, H, W pixels, p patch size, (h, w)
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import sys
@@ -26,12 +27,14 @@ import torch
 class Piece:
     """A named part of one medium: ``media`` pieces fill media-token positions (features), the others
     are tokens of their own ids that the model places inside the medium (Pixtral's [IMG_BREAK]).
-    ``no_grid`` says why a medium's piece has no grid (the capture warns with it)."""
+    ``no_grid`` says why a medium's piece has no grid, ``no_layout`` why a tile's row and column in
+    its image are not recorded (the capture warns with both)."""
     name: str
     grid: tuple[int, ...] | None = None
     tag: str | None = None
     media: bool = True
     no_grid: str | None = None
+    no_layout: str | None = None  # why a tile's place among its image's tiles is not recorded (the capture warns)
 
 
 @dataclass
@@ -298,6 +301,184 @@ def _is_pixtral(cfg) -> bool:
     return getattr(_vc(cfg), "model_type", None) == "pixtral"
 
 
+# ----------------------------------------------------------------------------------- tile arrangements
+def token_runs(row: torch.Tensor, token: int) -> list[tuple[int, int]]:
+    """(start, stop) of every maximal run of ``token`` in the 1-D ``row``."""
+    edge = torch.cat([row.new_zeros(1), (row == token).long(), row.new_zeros(1)]).diff()
+    return list(zip((edge == 1).nonzero().flatten().tolist(), (edge == -1).nonzero().flatten().tolist()))
+
+
+# An image's tiles: (rows, cols) of tiles, then its global view; None: one view, not split.
+Arrangement = tuple[int, int] | None
+
+
+def _one_place_per_tag(tags: list[list[int]], arrangements: list[Arrangement]) -> bool:
+    """A separator / tag id stands for one place (row, col) and a place for one id, over every image."""
+    place, tag = {}, {}
+    for ids, arr in zip(tags, arrangements):
+        for j, t in enumerate(ids):
+            where = divmod(j, arr[1]) if arr else None
+            if place.setdefault(t, where) != where or tag.setdefault(where, t) != t:
+                return False
+    return True
+
+
+def idefics3_arrangement(row: torch.Tensor, runs: list[tuple[int, int]], cfg) -> tuple[list[Arrangement], str | None]:
+    """Idefics3 / SmolVLM processors: a split image is, row after row, ``<fake_token_around_image>
+    <row_r_col_c>`` and a tile's image tokens, a newline after each row of tiles, then ``\n<fake_token_around_image>
+    <global-img>``, the global view's tokens and ``<fake_token_around_image>``; an image that is not split
+    is only that last part. Those ids are in no config, so the structure is read instead: one shared id
+    (the fake token) then a tag before every run; a run followed by the fake token and, 2 tokens on, the
+    next run goes on in its row; a run followed by another token (the newline) ends a row; any other run
+    is its image's global view. The global views share one tag; each other tag is one (row, col).
+    Returns per image its arrangement, or why the prompt does not say it."""
+    if not runs or runs[0][0] < 2:
+        return [], "an image-token run lacks the two tokens the processor writes before it"
+    fake = {int(row[s - 2]) for s, _ in runs}
+    if len(fake) != 1:
+        return [], "the token two before each image-token run is not one shared id (<fake_token_around_image>)"
+    fake = fake.pop()
+    flags = []
+    for k, (s, e) in enumerate(runs):
+        after = int(row[e]) if e < row.numel() else None
+        nxt = runs[k + 1][0] if k + 1 < len(runs) else None
+        flags.append("next" if after == fake and nxt == e + 2 else
+                     "row" if after not in (None, fake) and nxt is not None else "end")
+    tags = [int(row[s - 1]) for s, _ in runs]
+    views = {t for t, f in zip(tags, flags) if f == "end"}
+    if len(views) != 1 or flags[-1] != "end":
+        return [], "the images' global views do not share one tag (<global-img>) or the last run is not one"
+    out, tile_tags, first = [], [], 0
+    for k in (k for k, f in enumerate(flags) if f == "end"):
+        tiles, ids = flags[first:k], tags[first:k]
+        first = k + 1
+        rows = tiles.count("row")
+        cols = len(tiles) // rows if rows else 0
+        if tiles and (rows * cols != len(tiles) or tiles != (["next"] * (cols - 1) + ["row"]) * rows or views & set(ids)):
+            return [], f"image {len(out)}'s {len(tiles)} tiles do not end a row every same number of tiles"
+        out.append((rows, cols) if tiles else None)
+        tile_tags.append(ids)
+    if not _one_place_per_tag(tile_tags, out):
+        return [], "a <row_r_col_c> tag would stand for two places (or a place for two tags)"
+    return out, None
+
+
+def llama4_arrangement(row: torch.Tensor, runs: list[tuple[int, int]], cfg) -> tuple[list[Arrangement], str | None]:
+    """Llama 4's processor: ``<|image_start|>``, for a split image rows of tiles (a tile's patch tokens,
+    ``<|tile_x_separator|>`` between the tiles of a row, ``<|tile_y_separator|>`` after each row), then
+    ``<|image|>``, the global view's patch tokens and ``<|image_end|>``. The start and end ids are in
+    the config (boi_token_index, eoi_token_index), the separators' are not: the y separator is the
+    first of the two tokens before the global view, the x separator the one other id between tiles
+    (both the same in every image). Returns per image its arrangement, or why the prompt does not say it."""
+    boi, eoi = getattr(cfg, "boi_token_index", None), getattr(cfg, "eoi_token_index", None)
+    if not isinstance(boi, int) or not isinstance(eoi, int):
+        return [], "its config has no boi_token_index / eoi_token_index"
+    opened, closed = (row == boi).nonzero().flatten(), (row == eoi).nonzero().flatten()
+    groups: dict[int, list[tuple[int, int]]] = {}
+    for s, e in runs:
+        i = int((opened < s).sum()) - 1
+        if i < 0 or int((closed < s).sum()) != i or int((closed < e + 1).sum()) != i or e >= row.numel():
+            return [], "an image-token run is not inside an <|image_start|> ... <|image_end|> span"
+        groups.setdefault(i, []).append((s, e))
+    out, seps, tile_tags = [], {}, []
+    for i in sorted(groups):
+        g = groups[i]
+        if len(g) == 1:
+            out.append(None)
+            tile_tags.append([])
+            continue
+        gaps = [g[k + 1][0] - g[k][1] for k in range(len(g) - 1)]
+        ids = [int(row[g[k][1]]) for k in range(len(g) - 1)]
+        y = ids[-1]
+        rows = 1 + ids[:-1].count(y)
+        cols = (len(g) - 1) // rows
+        x = {t for t in ids[:-1] if t != y}
+        pattern = [y if (k + 1) % cols == 0 else "x" for k in range(len(g) - 2)]
+        if gaps[-1] != 2 or any(d != 1 for d in gaps[:-1]) or rows * cols != len(g) - 1 or len(x) > 1 or \
+                [t if t == y else "x" for t in ids[:-1]] != pattern or seps.setdefault("y", y) != y or \
+                (x and seps.setdefault("x", min(x)) != min(x)):
+            return [], f"image {len(out)}'s tiles are not rows separated by one shared <|tile_y_separator|> id"
+        out.append((rows, cols))
+    return out, None
+
+
+def _tile_tag(j: int, arrangement: Arrangement) -> str | None:
+    if arrangement is None:
+        return None
+    rows, cols = arrangement
+    n = rows * cols
+    return "global view" if j == n else f"tile {j} of {n}: row {j // cols}, col {j % cols} of {rows}x{cols}"
+
+
+def _retag(item: MediaItem, tag: str | None = None, no_layout: str | None = None, keep: bool = False) -> MediaItem:
+    pieces = tuple(dataclasses.replace(p, tag=p.tag if keep else tag, no_layout=no_layout) for p in item.pieces)
+    return MediaItem(item.modality, pieces, item.chunks)
+
+
+def _numbered(i: int, m: int, tag: str | None) -> str | None:
+    """"image i of m, " before a tag when the prompt holds several images."""
+    if m < 2:
+        return tag
+    return f"image {i} of {m}" + (f", {tag}" if tag else "")
+
+
+# model_type -> the structure its processor gives each image's tiles in input_ids
+ARRANGEMENTS: dict[str, Callable] = {"idefics3": idefics3_arrangement, "smolvlm": idefics3_arrangement,
+                                     "llama4": llama4_arrangement}
+NOT_IN_INPUTS = {
+    "internvl": "InternVL's processor picks each image's tile arrangement (and whether a thumbnail follows) "
+                "from the original image size, which the model does not receive",
+    "aya_vision": "Aya Vision's processor picks each image's tile arrangement from the original image size, which "
+                  "the model does not receive (and marks tiles with plain text, no ids in the config)",
+}
+
+
+def arrange_tiles(kind: str, cfg, items: list[MediaItem], input_ids: torch.Tensor | None) -> list[MediaItem]:
+    """Each tile item of a tiled family tagged with its place in its image, read from the structure the
+    family's processor gives input_ids [B, L] (items: every tile of the batch, element after element):
+    "tile 3 of 6: row 1, col 0 of 2x3", "global view", "image 1 of 2, ..." when a prompt holds several
+    images. Where the prompt does not say it, the items keep their tags and say why (no_layout)."""
+    if kind in NOT_IN_INPUTS:
+        why = NOT_IN_INPUTS[kind]
+        token = getattr(cfg, "image_token_id", None)
+        per_tile = {it.media_count for it in items}
+        if kind != "internvl" or input_ids is None or len(per_tile) != 1:
+            return [_retag(it, no_layout=why, keep=True) for it in items]
+        # InternVL writes each image as one run of its tiles' tokens: the tiles of each image are known.
+        size, out = per_tile.pop(), []
+        for row in input_ids:
+            runs = token_runs(row, token)
+            for i, (s, e) in enumerate(runs):
+                n = (e - s) // size
+                out += [(i, len(runs), f"tile {j} of {n}" if n > 1 else None) for j in range(n)]
+        if len(out) != len(items) or sum(e - s for row in input_ids for s, e in token_runs(row, token)) != size * len(items):
+            return [_retag(it, no_layout=why, keep=True) for it in items]
+        return [_retag(it, _numbered(i, m, tag), no_layout=why) for it, (i, m, tag) in zip(items, out)]
+    parse = ARRANGEMENTS.get(kind)
+    if parse is None:
+        return items
+    if input_ids is None:
+        return [_retag(it, no_layout="the prompt's input_ids were not seen with its images", keep=True) for it in items]
+    token = getattr(cfg, "image_token_id", None)
+    tags, why = [], None
+    for b, row in enumerate(input_ids):
+        runs = token_runs(row, token)
+        arrangements, why = parse(row, runs, cfg)
+        if why is not None:
+            why = f"prompt {b}: {why}"
+            break
+        k = 0
+        for i, arr in enumerate(arrangements):
+            for j in range(1 if arr is None else arr[0] * arr[1] + 1):
+                tags.append((i, len(arrangements), _tile_tag(j, arr), runs[k][1] - runs[k][0] if k < len(runs) else None))
+                k += 1
+    if why is None and (len(tags) != len(items) or any(n != it.media_count for (_, _, _, n), it in zip(tags, items))):
+        why = f"the prompt's image-token runs ({len(tags)}) are not the {len(items)} tiles of pixel_values"
+    if why is not None:
+        return [_retag(it, no_layout=why, keep=True) for it in items]
+    return [_retag(it, _numbered(i, m, tag)) for it, (i, m, tag, _) in zip(items, tags)]
+
+
 # Families whose processors write a video's frames with the image token (and whose forward takes images
 # or a video, not both): a call with video inputs only places its video items at the image tokens.
 VIDEO_IN_IMAGE_TOKENS = ("glm4v", "glm4v_moe")
@@ -318,12 +499,17 @@ RULES: dict[str, Callable] = {
 }
 
 
-def media_items(model: torch.nn.Module, cfg, inputs: dict, modality: str) -> list[MediaItem] | None:
-    """The items of one modality from a ``get_<modality>_features`` call's inputs; None: no rule."""
+def media_items(model: torch.nn.Module, cfg, inputs: dict, modality: str,
+                input_ids: torch.Tensor | None = None) -> list[MediaItem] | None:
+    """The items of one modality from a ``get_<modality>_features`` call's inputs and the prompt's
+    input_ids [B, L] (tiled families read their tile arrangement there); None: no rule."""
     kind = getattr(cfg, "model_type", None)
     if kind == "llava" and _is_pixtral(cfg):
         return pixtral_rule(cfg, inputs, modality)
     rule = RULES.get(kind)
     if rule is None:
         return None
-    return rule(model, cfg, inputs, modality)
+    items = rule(model, cfg, inputs, modality)
+    if items is None or modality != "image":
+        return items
+    return arrange_tiles(kind, cfg, items, None if input_ids is None else input_ids.detach().cpu())
