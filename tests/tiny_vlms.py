@@ -355,9 +355,9 @@ def qwen_media(model, image=(1, 8, 12), video=(2, 4, 6), mel_frames: int | None 
 
 
 # ----------------------------------------------------------------------------------- Mllama
-def mllama(seed: int = 0):
+def mllama(seed: int = 0, overrides: dict | None = None):
     """Mllama: self-attention layer 0, cross-attention layer 1 over the tower's tiles (16x16 pixels, patch 4:
-    [cls, 4x4 patches] per tile, padded to 24 tokens inside the tower)."""
+    [cls, 4x4 patches] per tile, padded to 24 tokens inside the tower); ``overrides`` change its vision config."""
     from transformers import MllamaConfig, MllamaForConditionalGeneration
 
     torch.manual_seed(seed)
@@ -365,6 +365,7 @@ def mllama(seed: int = 0):
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1, attention_heads=2,
                   image_size=16, patch_size=4, max_num_tiles=4, vision_output_dim=64, intermediate_layers_indices=[0],
                   supported_aspect_ratios=[[1, 1], [1, 2], [2, 1], [2, 2]])
+    vision.update(overrides or {})
     return _eval(MllamaForConditionalGeneration(MllamaConfig(text_config=text, vision_config=vision,
                                                              image_token_index=IMAGE)))
 

@@ -22,13 +22,16 @@ Token layouts (segments of a call, see attncap.session):
                    read from the inputs of get_image_features / get_video_features (Phi-4-multimodal:
                    of its image embedding module): one segment per image, tile and named piece
                    ("image" on its grid, anyres "base" tile and stitched grid, "image_newline",
-                   Pixtral's "image_break" / "image_end"; Record.meta query_tag / key_tag say which),
+                   Pixtral's "image_break" / "image_end"; Record.meta query_tag / key_tag say which;
+                   tiles of Idefics3 / SmolVLM / Llama 4 say their place, read from the prompt's tile
+                   markers: "tile 3 of 6: row 1, col 0 of 2x3", "global view"; InternVL / Aya Vision
+                   warn that the arrangement is not in the model's inputs),
                    "audio" per run of audio tokens (no grid). A family without a rule, inputs a rule
                    does not explain, or tokens with no place on the image (Idefics2's perceiver
                    latents) give grid-less media segments and a warning.
   Mllama           its <|image|> token is text; the cross-attention layers' keys are the vision tower's
-                   tiles, per image and tile a "cls" then an "image" (g, g) segment, tagged "tile j of n"
-                   or "padding tile"; kept for every decode step (the keys are cached). auto: text->image. Text and media are
+                   tiles, per image and tile a "cls" then an "image" (g, g) segment, tagged "tile j of n:
+                   row r, col c of RxC" (aspect_ratio_ids) or "padding tile"; kept for every decode step (the keys are cached). auto: text->image. Text and media are
                    gathered into contiguous segments per batch element (a permutation of q/k/v rows and
                    of the mask, undone on the output), so "text->image" maps hold every text token.
                    auto relations: text->image / text->video, or text->text for a text-only model.

@@ -377,7 +377,7 @@ def llama4_arrangement(row: torch.Tensor, runs: list[tuple[int, int]], cfg) -> t
     groups: dict[int, list[tuple[int, int]]] = {}
     for s, e in runs:
         i = int((opened < s).sum()) - 1
-        if i < 0 or int((closed < s).sum()) != i or int((closed < e + 1).sum()) != i or e >= row.numel():
+        if i < 0 or int((closed < s).sum()) != i or int((closed < e).sum()) != i or e >= row.numel():
             return [], "an image-token run is not inside an <|image_start|> ... <|image_end|> span"
         groups.setdefault(i, []).append((s, e))
     out, seps, tile_tags = [], {}, []
