@@ -2,11 +2,13 @@
 
     python benchmarks/captured_overhead.py [--before-src DIR] [--write-results benchmarks/RESULTS.md]
 
-A WanTransformer3DModel with two blocks (random weights, CPU, float32) is called with capture off
-and on (attncap.capture, default relations, pool=2, entropy), eagerly and compiled with
-`model.compile(backend="aot_eager")`. Overhead per captured attention call = (captured model call -
-plain model call) / attention calls per model call; it is reported as a ratio to the attention call
-itself: torch SDPA alone on that model's self- and cross-attention shapes, timed in the same process.
+A WanTransformer3DModel with two blocks (random weights, CPU, float32) runs inside one capture block
+(default relations, pool=2, entropy), eagerly and compiled with `model.compile(backend="aot_eager")`,
+each call a new step and only even steps captured: captured and uncaptured calls alternate, so a
+busy machine slows both alike. Overhead per captured attention call = the median over adjacent
+pairs of (captured call - uncaptured call) / attention calls per model call; it is reported as a
+ratio to the attention call itself: torch SDPA alone on that model's self- and cross-attention
+shapes, timed in the same process.
 Each source tree runs in its own fresh process, the trees alternating over ROUNDS rounds, so a busy
 machine slows both alike; figures are medians over rounds of per-round medians. --before-src is a
 checkout of an earlier attncap (`git worktree add /tmp/before <commit>`), imported instead of this one.
@@ -45,7 +47,27 @@ def _model(heads: int, dim: int, frames: int, h: int, w: int, text: int):
     return model, inputs
 
 
+def _alternating(model, inputs, calls: int) -> tuple[float, float, float]:
+    """(captured, uncaptured, per-pair difference) medians in seconds over ``calls`` pairs."""
+    import torch
+
+    import attncap
+
+    n = 2 * calls + 2  # the first pair warms up (and compiles both variants)
+    times = []
+    with attncap.capture(model, pool=2, stats=("entropy",), steps=list(range(0, n, 2))):
+        for i in range(n):
+            args = dict(inputs, timestep=torch.tensor([900.0 - i]))  # a new step per call
+            t = time.perf_counter()
+            model(**args)
+            times.append(time.perf_counter() - t)
+    captured, plain = times[2::2], times[3::2]
+    return (statistics.median(captured), statistics.median(plain),
+            statistics.median(c - p for c, p in zip(captured, plain)))
+
+
 def _per_call(fn, calls: int) -> float:
+    """Median seconds of ``calls`` calls of fn after one warm-up call."""
     fn()
     times = []
     for _ in range(calls):
@@ -59,8 +81,6 @@ def worker() -> None:
     """One process: every size, eager and compiled; prints one JSON line."""
     import torch
     import torch.nn.functional as F
-
-    import attncap
 
     torch.set_num_threads(1)
     rows = []
@@ -76,12 +96,10 @@ def worker() -> None:
             for mode in ("eager", "compiled"):
                 if mode == "compiled":
                     model.compile(backend="aot_eager")
-                plain = _per_call(lambda: model(**inputs), calls)
-                with attncap.capture(model, pool=2, stats=("entropy",)):
-                    captured = _per_call(lambda: model(**inputs), calls)
+                captured, plain, diff = _alternating(model, inputs, calls)
                 row[f"{mode}_plain_us"] = plain * 1e6
                 row[f"{mode}_captured_us"] = captured * 1e6
-                row[f"{mode}_overhead_us"] = (captured - plain) / (2 * BLOCKS) * 1e6
+                row[f"{mode}_overhead_us"] = diff / (2 * BLOCKS) * 1e6
         rows.append(row)
     print(json.dumps(rows))
 
@@ -125,13 +143,14 @@ def section(rows: dict[str, list[dict]], rc: dict, env: str, before: str) -> str
     lines = ["## Host overhead of a captured model call (issue 13)", "",
              f"Measured by `python benchmarks/captured_overhead.py --before-src <checkout>` on {env}. A "
              f"WanTransformer3DModel with {BLOCKS} blocks (4 attention calls per model call), capture with default "
-             "relations, pool=2 and entropy; compiled = `model.compile(backend='aot_eager')`. Overhead per captured "
-             "attention call = (captured model call - plain model call) / 4; ratio = that / torch SDPA alone on the "
+             "relations, pool=2 and entropy; compiled = `model.compile(backend='aot_eager')`. Captured and uncaptured "
+             "calls alternate in one capture block (even steps captured). Overhead per captured attention call = "
+             "median over adjacent pairs of (captured - uncaptured model call) / 4; ratio = that / torch SDPA alone on the "
              f"model's attention shapes (mean of self and cross), timed in the same process. Median over {ROUNDS} "
              "alternating fresh processes per tree; on a shared 2-core machine the ratios are the figures to read. "
              f"before = {before}, after = this tree.", "",
-             "| size (video tokens) | tree | SDPA us | eager: plain / captured us | eager overhead per call: us (x SDPA) "
-             "| compiled: plain / captured us | compiled overhead per call: us (x SDPA) |",
+             "| size (video tokens) | tree | SDPA us | eager: uncaptured / captured us | eager overhead per call: us (x SDPA) "
+             "| compiled: uncaptured / captured us | compiled overhead per call: us (x SDPA) |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for tree, data in rows.items():
         for r in data:
