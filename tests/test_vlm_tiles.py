@@ -8,6 +8,7 @@ processors (their code run here on local images, with a word-level tokenizer bui
 - Mllama: MllamaImageProcessorPil puts a 32x48 image on 2x3 tiles (aspect_ratio_ids); cross-attention
   keys are tagged with their tile's row and column, maps equal eager, a planted patch moves its tile's cell.
 - Prompts whose structure does not say the arrangement: no row/column, and a warning.
+- Qwen2-VL / Qwen2.5-VL towers encoding two images in one call: frame and window records name their image.
 """
 from __future__ import annotations
 
@@ -206,16 +207,24 @@ def test_mllama_aspect_ratio_that_does_not_hold_the_tiles_warns():
 
 
 def test_tower_records_of_several_images_tagged_with_their_image():
-    """Qwen2-VL's tower encodes two images in one call: each frame record says which image it is."""
-    from test_capture_transformers import tiny_qwen2_vl
+    """Qwen2-VL's and Qwen2.5-VL's towers encode two images in one call: each frame (and window) record
+    says which image it is."""
+    from test_capture_transformers import tiny_qwen2_5_vl, tiny_qwen2_vl
 
-    model = tiny_qwen2_vl()
-    vc = model.config.vision_config
-    width = 3 * vc.temporal_patch_size * vc.patch_size ** 2
     grid = torch.tensor([[1, 4, 6], [1, 6, 4]])
-    pv = torch.randn(48, width, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), attncap.capture(model, relations="image->image", layers="*visual.blocks.0.*") as store:
-        model.model.get_image_features(pixel_values=pv, image_grid_thw=grid)
-    assert [(r.query_grid, r.meta.get("query_tag")) for r in store.records] == [((4, 6), "image 0 of 2"),
-                                                                                 ((6, 4), "image 1 of 2")]
+    got = {}
+    for name, build in (("qwen2_vl", tiny_qwen2_vl), ("qwen2_5_vl", tiny_qwen2_5_vl)):
+        model = build()
+        vc = model.config.vision_config
+        pv = torch.randn(48, 3 * vc.temporal_patch_size * vc.patch_size ** 2, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad(), attncap.capture(model, relations="image->image", layers="*visual.blocks.*") as store:
+            model.model.get_image_features(pixel_values=pv, image_grid_thw=grid)
+        got[name] = [(r.layer.split(".")[-2], r.query_grid, r.meta.get("query_tag")) for r in store.records]
+    assert got["qwen2_vl"] == [(b, g, t) for b in "01" for g, t in (((4, 6), "image 0 of 2"), ((6, 4), "image 1 of 2"))]
+    # Qwen2.5-VL block 0: windows of at most 4x4 patches (2x2 merge units), block 1 full attention
+    windows = [("0", (4, 4), "image 0 of 2, window 0 of 2: rows 0:4, cols 0:4 of (4, 6)"),
+               ("0", (4, 2), "image 0 of 2, window 1 of 2: rows 0:4, cols 4:6 of (4, 6)"),
+               ("0", (4, 4), "image 1 of 2, window 0 of 2: rows 0:4, cols 0:4 of (6, 4)"),
+               ("0", (2, 4), "image 1 of 2, window 1 of 2: rows 4:6, cols 0:4 of (6, 4)")]
+    assert got["qwen2_5_vl"] == windows + got["qwen2_vl"][2:]
 
