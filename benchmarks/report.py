@@ -107,7 +107,8 @@ def task_table(rows: dict, shape: str, task: str) -> list[str]:
 
 def headline(rows: dict, shapes: list[str]) -> list[str]:
     """The main capture at every shape, ratios only."""
-    lines = [f"Main capture (`{MAIN}`) at every shape: time against sdpa, peak memory against chunked_eager.", "",
+    lines = [f"Main capture (`{MAIN}`) at every shape: time against sdpa (its paired calls where the run was "
+             "`--paired`), peak memory against chunked_eager.", "",
              "| shape | Nq x Nk, H | fused time | eager time | naive time | fused memory | naive memory |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for shape in shapes:
@@ -117,7 +118,9 @@ def headline(rows: dict, shapes: list[str]) -> list[str]:
                              ("naive", sd, "median_ms"), ("attncap_fused", eager, "peak_extra_mib"),
                              ("naive", eager, "peak_extra_mib")):
             row = rows.get((shape, MAIN, p))
-            cells.append((status(row) or ratio(row[key], (base or {}).get(key))).split(":")[0])
+            # times: over the row's own alternating SDPA calls where the run was --paired
+            denominator = (row or {}).get("sdpa_paired_ms") if key == "median_ms" else None
+            cells.append((status(row) or ratio(row[key], denominator or (base or {}).get(key))).split(":")[0])
         any_row = next(r for k, r in rows.items() if k[0] == shape)
         lines.append(f"| {shape} | {any_row['Nq']} x {any_row['Nk']}, {any_row['H']} | " + " | ".join(cells) + " |")
     return lines
@@ -192,7 +195,9 @@ def section(device: str, doc: dict | None) -> list[str]:
            f"({doc.get('waited_for_quiet_s', 0):.0f} s of it waiting for other processes to pause). "
            f"Other processes' share of the CPU while we timed: median {100 * others[len(others) // 2]:.0f}%, "
            f"max {100 * others[-1]:.0f}%; {disturbed} of {len(others)} timings were taken while they used over "
-           f"{100 * DISTURBED:.0f}% (marked *; their times are less reliable).", ""]
+           f"{100 * DISTURBED:.0f}% (marked *; their times are less reliable). Providers in this run: "
+           f"{', '.join(p for p in PROVIDERS if any(r['provider'] == p for r in good))} (a provider it left out shows "
+           f"'not run').", ""]
     if any(r.get("scaled_from", "not scaled") != "not scaled" for r in good):
         out += ["Shapes are **scaled down** for the CPU (fewer heads, smaller grids with the real aspect, "
                 "real head dims); each table names the real shape it stands for.", ""]
