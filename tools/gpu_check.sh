@@ -43,8 +43,8 @@ stage() {  # stage NAME LIMIT_S COMMAND...: run with a time limit, log, remember
     [ "$status" -eq 0 ] || failed=1
 }
 
-stage tests 200 $PY -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py tests/test_kernels.py tests/test_products.py
-stage cuda-capture 60 $PY -m pytest -q -p no:cacheprovider -rs tests/test_compile.py -k cuda  # no host sync, CUDA graphs
+stage tests 180 $PY -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py tests/test_kernels.py tests/test_products.py
+stage cuda-capture 40 $PY -m pytest -q -p no:cacheprovider -rs tests/test_compile.py -k cuda  # no host sync, CUDA graphs
 stage bench 140 $PY benchmarks/gpu_kernels.py --results "$RESULTS" --json "$DEST/gpu-kernels.json"
 if $PY -c "import diffusers" 2>/dev/null; then
     stage e2e 90 $PY benchmarks/e2e_wan.py --device cuda --layers 4 --repeats 2 --write-results --results "$RESULTS" \
