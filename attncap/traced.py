@@ -70,10 +70,11 @@ def _(q, k, v, attn_mask, ident, index, dropout_p, is_causal, scale, layout, cp)
 
 def _sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale, layout: str) -> torch.Tensor:
     """A call the route left alone: torch SDPA, as diffusers' native backend computes it."""
-    if layout == "bshd":
+    if layout == "bshd":  # a dispatcher call: its [B, Nk] mask is key padding
+        from .integrations.diffusers.dispatch import dispatch_mask
+
+        attn_mask = dispatch_mask(attn_mask, q, k)
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))
-        if attn_mask is not None and tuple(attn_mask.shape) == (q.shape[0], k.shape[2]):  # [B, Nk] key padding
-            attn_mask = attn_mask[:, None, None, :]
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                                            is_causal=is_causal, scale=scale,
                                                            enable_gqa=q.shape[1] != k.shape[1])
