@@ -213,17 +213,25 @@ class _MapJob:
             qc, kc = qplan.counts.to(device).float(), kplan.counts.to(device).float()
             self.scale = (qc[:, None] * kc[None, :]).reciprocal_()
 
-    def zeros(self, B: int, device: torch.device) -> torch.Tensor:
-        return torch.zeros((B, self.G, self.qb, self.kb), dtype=torch.float32, device=device)
+    def writes_first(self, H: int) -> bool:
+        """Whether an unpooled map's every value comes from one head, or from every head of a call of
+        H query heads: its sums then start empty and the tile of each row's first head writes them,
+        instead of a zero fill and a read of zeros, two passes over the map."""
+        return self.key_mode == "slice" and self.bins_contiguous and not self.one_bin and (
+            self.hpg == 1 or (self.all_heads and self.hpg == H))
 
-    def add(self, total: torch.Tensor, e: torch.Tensor, w: torch.Tensor | None, b0: int, b1: int, h0: int, h1: int,
-            s: int, stop: int, cols: _Columns, scratch: torch.Tensor) -> None:
+    def zeros(self, B: int, first: bool, device: torch.device) -> torch.Tensor:
+        """The map's running sums, [B, G, Qb, Kb]: empty when ``first`` (writes_first), else zeros."""
+        return (torch.empty if first else torch.zeros)((B, self.G, self.qb, self.kb), dtype=torch.float32, device=device)
+
+    def add(self, total: torch.Tensor, first: bool, e: torch.Tensor, w: torch.Tensor | None, b0: int, b1: int,
+            h0: int, h1: int, s: int, stop: int, cols: _Columns, scratch: torch.Tensor) -> None:
         """Add the tile's share: probabilities P = e * w of batches b0:b1, query heads h0:h1 and
         rows[s:stop]. e [bb, h1 - h0, stop - s, Ncol]; w [bb, h1 - h0, stop - s, 1], each row's 1 / l
         (0 for a row that sees no key), or None when e is already P. The scaling rides on the
         reductions (addcmul, a matmul for a one-bin query axis, or the key-pooled values, 1/bin-size of
         the tile): a full-size scaled copy is made, into ``scratch`` (a free tile buffer), only where
-        unpooled keys meet pooled or scattered queries."""
+        unpooled keys meet pooled or scattered queries. ``first``: writes_first(H), as zeros() was told."""
         i0, i1 = bisect.bisect_left(self.pair_pos, s), bisect.bisect_left(self.pair_pos, stop)
         if i0 == i1:
             return
@@ -250,7 +258,10 @@ class _MapJob:
                 x, d = x[..., self.key_slice], dest[:, :, i0:i1]
                 for j in range(x.shape[1]) if summed else (None,):
                     xj, wj, dj = (x, ww, d) if j is None else (x[:, j], None if ww is None else ww[:, j], d[:, 0])
-                    dj.add_(xj, alpha=alpha) if wj is None else dj.addcmul_(xj, wj, value=alpha)
+                    if first and (self.hpg == 1 or (h0 == 0 and j == 0)):  # see writes_first()
+                        torch.mul(xj, alpha if wj is None else wj * alpha, out=dj)
+                    else:
+                        dj.add_(xj, alpha=alpha) if wj is None else dj.addcmul_(xj, wj, value=alpha)
                 continue
             y = self._keys(x, cols)
             if ww is not None:
@@ -384,14 +395,15 @@ def _scores(buf: torch.Tensor, q_rows: torch.Tensor, k_cols: torch.Tensor, c2: f
     with ``softcap``, capped before the masks (softcap * tanh(score / softcap), transformers' order).
 
     q_rows [bb, hb * G, c, D] (any dtype and strides), k_cols [bb, hb, Ncol, D] fp32 in column order
-    (_KV), c2 = scale * log2 e, by which the queries are multiplied (c x D numbers, a small fresh
-    copy; the keys stay views of the caller's tensor where nothing else changes them); rows: slice
+    (_KV: views of the caller's keys where nothing changes them), c2 = scale * log2 e, by which the
+    queries are multiplied; rows: slice
     or index tensor of the tile's query tokens (row_tok their tokens on the device, for the causal mask)."""
     bb, hq, c, D = q_rows.shape
     hb, ncol = k_cols.shape[1], k_cols.shape[2]
     s = buf[:bb * hq * c * ncol].view(bb, hb, hq // hb * c, ncol)
     # GQA without copying keys per query head: query heads grouped under their key head; reshape,
-    # since q_rows of a BSHD layout keep their strides through the product.
+    # since q_rows of a BSHD layout keep their strides through the product. The queries carry the
+    # scale: c x D numbers, a small copy (baddbmm's alpha instead made the product ~20% slower).
     q_rows = q_rows * c2 if q_rows.dtype == torch.float32 else q_rows.float().mul_(c2)
     torch.matmul(q_rows.reshape(bb, hb, hq // hb * c, D), k_cols.transpose(-1, -2), out=s)
     s = s.view(bb, hq, c, ncol)
@@ -476,10 +488,13 @@ def _pass(B: int, Hk: int, G: int, rows: torch.Tensor, ncol: int, kv_per_head: i
 
 @_device_errors
 def forward(q, k, v, out, scale, mask=None, mask_kind=0, key_padding=None, is_causal=False,
-            selected=None, want_stats=False, maps=(), workspace_bytes: int | None = None, softcap=None):
+            selected=None, want_stats=False, maps=(), workspace_bytes: int | None = None, softcap=None,
+            want_entropy: bool | None = None):
     """Chunked twin of attncap.kernels.forward (same arguments, same returns), plus ``maps``: a list
     of (qplan, kplan, heads_table) whose maps (as kernels.map_pass returns them) come back as a
-    fifth item, and ``workspace_bytes`` (default WORKSPACE_BYTES), the bound on working memory."""
+    fifth item, ``workspace_bytes`` (default WORKSPACE_BYTES), the bound on working memory, and
+    ``want_entropy`` (default: want_stats): False when only the peak is wanted (entropy is then
+    None), which spares two passes over each tile and keeps exp2 in place."""
     B, H, Nq, D = q.shape
     Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     G, dev = H // Hk, q.device
@@ -491,11 +506,13 @@ def forward(q, k, v, out, scale, mask=None, mask_kind=0, key_padding=None, is_ca
         out.copy_(o)
         return lse, None, None, None, []
     cols, jobs, rows = _prepare(maps, Nk, Nq, lambda: torch.arange(Nq), dev)
-    totals = [job.zeros(B, dev) for job in jobs]
+    firsts = [job.writes_first(H) for job in jobs]
+    totals = [job.zeros(B, first, dev) for job, first in zip(jobs, firsts)]
     lse = torch.empty((B, H, Nq), dtype=torch.float32, device=dev)
     sel_cols = None if selected is None else cols.selection(selected)
     tokens = None if selected is None else torch.empty((B, H, Nq, selected.numel()), device=dev)
-    ent = torch.empty((B, H, Nq), device=dev) if want_stats else None
+    want_entropy = want_stats if want_entropy is None else want_entropy and want_stats
+    ent = torch.empty((B, H, Nq), device=dev) if want_entropy else None
     peak = torch.empty((B, H, Nq), device=dev) if want_stats else None
     size, tiles, whole = _pass(B, Hk, G, rows, Nk, _KV.bytes_per_head(Nk, D, Dv, k.dtype, v.dtype, cols), workspace_bytes)
     # Two tile buffers reused by every tile: fresh multi-MiB temporaries would fault their pages in
@@ -511,7 +528,7 @@ def forward(q, k, v, out, scale, mask=None, mask_kind=0, key_padding=None, is_ca
                     mask, mask_kind, key_padding, is_causal, softcap)
         m = t.amax(-1, keepdim=True)
         t.sub_(m)
-        x = torch.exp2(t, out=buf_e[:t.numel()].view(t.shape)) if want_stats else t.exp2_()
+        x = torch.exp2(t, out=buf_e[:t.numel()].view(t.shape)) if want_entropy else t.exp2_()
         l = x.sum(-1, keepdim=True)
         # P = x / l is never written out: every consumer scales what it reduces by inv = 1 / l (the
         # output's c x Dv rows, a product's reduced values), one pass over the tile fewer.
@@ -527,13 +544,14 @@ def forward(q, k, v, out, scale, mask=None, mask_kind=0, key_padding=None, is_ca
         if masked:
             row_lse.masked_fill_(dead, float("-inf"))
         lse[b0:b1, h0:h1, s:e] = row_lse[..., 0]
-        if want_stats:
+        if want_entropy:
             # entropy = ln 2 (log2 l - inv sum_j x_j (S_j - m)), both terms >= 0 (no cancellation);
             # the product x (S - m) overwrites S - m, whose buffer is then scratch
             h = (log_l - t.mul_(x).sum(-1, keepdim=True).mul_(inv))[..., 0].mul_(LN2)
             ent[b0:b1, h0:h1, s:e] = h.masked_fill_(dead[..., 0], 0.0) if masked else h
+        if want_stats:
             peak[b0:b1, h0:h1, s:e] = inv[..., 0]   # max_j x_j = 2^0 = 1
-        scratch = buf_s if want_stats else buf_e
+        scratch = buf_s if want_entropy else buf_e
         if tokens is not None:
             dest = tokens[b0:b1, h0:h1, s:e]
             if isinstance(sel_cols, torch.Tensor):
@@ -541,8 +559,8 @@ def forward(q, k, v, out, scale, mask=None, mask_kind=0, key_padding=None, is_ca
             else:
                 for first, n, at in sel_cols:
                     torch.mul(x[..., first:first + n], inv, out=dest[..., at:at + n])
-        for job, total in zip(jobs, totals):
-            job.add(total, x, inv, b0, b1, h0, h1, s, e, cols, scratch)
+        for job, total, first in zip(jobs, totals, firsts):
+            job.add(total, first, x, inv, b0, b1, h0, h1, s, e, cols, scratch)
         del t, x, k_cols, v_cols
     return lse, tokens, ent, peak, [job.result(total, cols) for job, total in zip(jobs, totals)]
 
@@ -557,7 +575,8 @@ def maps_from_lse(q, k, lse, scale, maps, mask=None, mask_kind=0, key_padding=No
     G, dev = H // Hk, q.device
     cols, jobs, rows = _prepare(maps, Nk, "union", lambda: torch.unique(torch.cat([_host(qp.perm).long() for qp, _, _ in maps])),
                                 dev)
-    totals = [job.zeros(B, dev) for job in jobs]
+    firsts = [job.writes_first(H) for job in jobs]
+    totals = [job.zeros(B, first, dev) for job, first in zip(jobs, firsts)]
     contiguous = int(rows[-1]) - int(rows[0]) + 1 == rows.numel()
     rows_dev = rows.to(dev)
     # A fully masked row has LSE = -inf and every score NEG or -inf: +inf turns its P to exp2(-inf) = 0.
@@ -578,8 +597,8 @@ def maps_from_lse(q, k, lse, scale, maps, mask=None, mask_kind=0, key_padding=No
         t = _scores(buf, q_rows, k_cols, c2, r, row_tok, cols, b0, b1, h0, h1, mask, mask_kind, key_padding,
                     is_causal, softcap)
         p = t.sub_(l_rows[..., None]).exp2_()
-        for job, total in zip(jobs, totals):
-            job.add(total, p, None, b0, b1, h0, h1, s, e, cols, scratch)
+        for job, total, first in zip(jobs, totals, firsts):
+            job.add(total, first, p, None, b0, b1, h0, h1, s, e, cols, scratch)
         del t, p, k_cols
     return [job.result(total, cols) for job, total in zip(jobs, totals)]
 

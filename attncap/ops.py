@@ -352,7 +352,8 @@ def _attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask
     if impl is cpu_path:
         # The CPU path reduces every map in the forward's own pass.
         lse, tokens, ent, peak, maps = impl.forward(q4, k4, v4, _bhsd(out, layout), scale, selected=call.selected,
-                                                    want_stats=call.want_stats, maps=call.jobs, **masks)
+                                                    want_stats=call.want_stats, maps=call.jobs,
+                                                    want_entropy=any("entropy" in p.stats for p in call.plans), **masks)
     else:
         lse, tokens, ent, peak = impl.forward(q4, k4, v4, _bhsd(out, layout), scale, selected=call.selected,
                                               want_stats=call.want_stats, **masks)
