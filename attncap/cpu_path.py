@@ -267,6 +267,12 @@ class _MapJob:
             if ww is not None:
                 if own or self.key_mode != "slice":  # y is a copy: scale it in place
                     y = y.mul_(ww)
+                elif summed:  # a view of the tile: sum its heads, weighted, into scratch (1/n of the tile)
+                    acc = scratch[:y[:, 0].numel()].view(y[:, :1].shape)
+                    torch.mul(y[:, :1], ww[:, :1], out=acc)
+                    for j in range(1, y.shape[1]):
+                        acc.addcmul_(y[:, j:j + 1], ww[:, j:j + 1])
+                    y, summed = acc, False
                 else:
                     y = torch.mul(y, ww, out=scratch[:y.numel()].view(y.shape))
             if self.bins_contiguous:  # unpooled query range in ascending order: pair i is bin i
