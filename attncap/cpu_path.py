@@ -14,16 +14,19 @@ EVERY key of those rows, so its probabilities are final and every product reduce
 same pass (the GPU kernels need a second pass for maps). What keeps it near the cost of SDPA alone:
 
 * scores come out of the matmul in log2 units (the queries carry scale * log2(e)): torch's exp2 is
-  several times faster than its exp on CPU. Then m = max, exp2(S - m) in place, l = sum, P = E / l;
-  the LSE is m + log2(l), the peak 1 / l and the entropy ln 2 * (log2 l - sum_j P_j (S_j - m)): no log
-  of P, no extra pass beyond one dot per row;
+  several times faster than its exp on CPU. Then m = max, E = exp2(S - m) in place, l = sum and
+  w = 1 / l. P = E * w is never written: the output is (E V) * w (c x Dv numbers), and every product
+  applies w where it is cheapest (addcmul into an unpooled map, one matrix-vector product for a
+  column sum, the key-pooled values, 1/bin-size of the tile). The LSE is m + log2(l), the peak w
+  and the entropy ln 2 * (log2 l - w sum_j E_j (S_j - m)): no log of P, no extra pass beyond one
+  dot per row, and none of that without entropy;
 * the score columns follow the first pooled key axis of the request ("ragged slot-major": slot s of
   every bin that has one, bins sorted by size), so a pooled key axis is a few view-and-sum
   reductions over a middle axis (no one-hot matmul, no scatter, no padded keys), and an unpooled
-  key range is a slice; head means reduce before key pooling, query pooling comes last;
-* tiles target the cache (TILE_BYTES); tiles, per-tile K/V copies and temporaries stay within
-  ``workspace_bytes`` (WORKSPACE_BYTES by default): peak extra memory is the products plus that.
-  On the CPU the tile buffers (two at most, RETAIN_BYTES in all) stay allocated per thread between
+  key range is a slice; key pooling comes first, then head sums, query pooling last;
+* tiles target the cache (TILE_BYTES); tiles, K/V copies (made once per block) and temporaries
+  stay within ``workspace_bytes`` (WORKSPACE_BYTES by default): peak extra memory is the products
+  plus that. On the CPU the tile buffers (two, RETAIN_BYTES in all) stay allocated per thread between
   calls, so a call does not fault their pages in again (_buffers).
 
 Shape legend: B batch, H query heads, Hk key heads, G = H // Hk query heads per key head, Nq, Nk,
@@ -121,14 +124,12 @@ class _Columns:
         hit = self.selections.get(id(selected))
         if hit is not None and hit[0] is selected:
             return hit[1]
-        if selected.device.type != "cpu":  # its values stay on its device: a gather there
-            found = self.pos.to(selected.device)[selected.long()]
-            self.selections[id(selected)] = (selected, found)
-            return found
-        col = self.pos[selected.long()]
-        breaks = [0] + [i for i in range(1, col.numel()) if int(col[i]) != int(col[i - 1]) + 1] + [col.numel()]
-        found = [(int(col[a]), b - a, a) for a, b in zip(breaks[:-1], breaks[1:])] if len(breaks) - 1 <= MAX_RUNS \
-            else col.to(selected.device)
+        found = self.pos.to(selected.device)[selected.long()]  # on another device: gathered there
+        if selected.device.type == "cpu":
+            col = found.tolist()
+            breaks = [0] + [i for i in range(1, len(col)) if col[i] != col[i - 1] + 1] + [len(col)]
+            if len(breaks) - 1 <= MAX_RUNS:
+                found = [(col[a], b - a, a) for a, b in zip(breaks[:-1], breaks[1:])]
         self.selections[id(selected)] = (selected, found)  # holding selected keeps its id from being reused
         return found
 
@@ -394,7 +395,7 @@ def _buffers(n: int, count: int, device: torch.device) -> list[torch.Tensor]:
     return [block[i * n:(i + 1) * n] for i in range(count)]
 
 
-def _scores(buf: torch.Tensor, q_rows: torch.Tensor, k_cols: torch.Tensor, c2: float, rows,
+def _scores(buf: torch.Tensor, q_rows: torch.Tensor, k_cols: torch.Tensor, c2: float | None, rows,
             row_tok: torch.Tensor | None, cols: _Columns, b0: int, b1: int, h0: int, h1: int, mask,
             mask_kind: int, key_padding, is_causal: bool, softcap: float | None) -> torch.Tensor:
     """Scores in log2 units, fp32 [bb, hb * G, c, Ncol] in the front of ``buf``, masked entries NEG;
@@ -402,7 +403,7 @@ def _scores(buf: torch.Tensor, q_rows: torch.Tensor, k_cols: torch.Tensor, c2: f
 
     q_rows [bb, hb * G, c, D] (any dtype and strides), k_cols [bb, hb, Ncol, D] fp32 in column order
     (_KV: views of the caller's keys where nothing changes them), c2 = scale * log2 e, by which the
-    queries are multiplied; rows: slice
+    queries are multiplied (None: the keys carry it, _KV); rows: slice
     or index tensor of the tile's query tokens (row_tok their tokens on the device, for the causal mask)."""
     bb, hq, c, D = q_rows.shape
     hb, ncol = k_cols.shape[1], k_cols.shape[2]
@@ -410,7 +411,10 @@ def _scores(buf: torch.Tensor, q_rows: torch.Tensor, k_cols: torch.Tensor, c2: f
     # GQA without copying keys per query head: query heads grouped under their key head; reshape,
     # since q_rows of a BSHD layout keep their strides through the product. The queries carry the
     # scale: c x D numbers, a small copy (baddbmm's alpha instead made the product ~20% slower).
-    q_rows = q_rows * c2 if q_rows.dtype == torch.float32 else q_rows.float().mul_(c2)
+    if c2 is None:
+        q_rows = q_rows.float()
+    else:
+        q_rows = q_rows * c2 if q_rows.dtype == torch.float32 else q_rows.float().mul_(c2)
     torch.matmul(q_rows.reshape(bb, hb, hq // hb * c, D), k_cols.transpose(-1, -2), out=s)
     s = s.view(bb, hq, c, ncol)
     if softcap is not None:  # in log2 units the cap is softcap * log2 e
@@ -439,13 +443,14 @@ def _scores(buf: torch.Tensor, q_rows: torch.Tensor, k_cols: torch.Tensor, c2: f
 
 class _KV:
     """Keys and values of a tile's batches and key heads as the matmuls take them: fp32, rows in
-    column order. A view of the caller's tensor when that is already so, else a copy (permuted keys
-    or values, a cast from fp16/bf16): ``whole``, of every batch and key head at once, when they are
+    column order, the keys times ``key_scale`` when given (_keys_carry_scale). A view of the
+    caller's tensor when that is already so, else a copy (permuted keys or values, a cast from
+    fp16/bf16, scaled keys; the caller's tensors are never changed): ``whole``, of every batch and key head at once, when they are
     small (_tiles decides); else per block, kept while consecutive tiles share the block (_pass
     orders tiles so that each block is made once) and dropped when the next block begins."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor | None, cols: _Columns, whole: bool):
-        self.k, self.v, self.cols = k, v, cols
+    def __init__(self, k: torch.Tensor, v: torch.Tensor | None, cols: _Columns, whole: bool, key_scale: float | None):
+        self.k, self.v, self.cols, self.key_scale = k, v, cols, key_scale
         self.key, self.last = None, None
         if whole:
             B, Hk = k.shape[:2]
@@ -453,10 +458,12 @@ class _KV:
         self.whole = whole
 
     @staticmethod
-    def bytes_per_head(Nk: int, D: int, Dv: int, k_dtype: torch.dtype, v_dtype: torch.dtype, cols: _Columns) -> int:
-        """Bytes of one batch and key head's copies: keys and values each when permuted or cast."""
+    def bytes_per_head(Nk: int, D: int, Dv: int, k_dtype: torch.dtype, v_dtype: torch.dtype, cols: _Columns,
+                       keys_scaled: bool) -> int:
+        """Bytes of one batch and key head's copies: keys and values each when permuted or cast, the
+        keys also when they carry the scale."""
         copied = lambda dtype: cols.token is not None or dtype != torch.float32  # noqa: E731
-        return (Nk * D * 4 if copied(k_dtype) else 0) + (Nk * Dv * 4 if Dv and copied(v_dtype) else 0)
+        return (Nk * D * 4 if keys_scaled or copied(k_dtype) else 0) + (Nk * Dv * 4 if Dv and copied(v_dtype) else 0)
 
     def block(self, b0: int, b1: int, g0: int, g1: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.whole:
@@ -467,13 +474,24 @@ class _KV:
         return self.last
 
     def _copies(self, b0: int, b1: int, g0: int, g1: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self._take(self.k, b0, b1, g0, g1), None if self.v is None else self._take(self.v, b0, b1, g0, g1)
+        return self._take(self.k, b0, b1, g0, g1, self.key_scale), \
+            None if self.v is None else self._take(self.v, b0, b1, g0, g1, None)
 
-    def _take(self, x: torch.Tensor, b0: int, b1: int, g0: int, g1: int) -> torch.Tensor:
+    def _take(self, x: torch.Tensor, b0: int, b1: int, g0: int, g1: int, scale: float | None) -> torch.Tensor:
         x = x[b0:b1, g0:g1]
         if self.cols.token is not None:  # 3-D index_select: several times faster than on the 4-D view
             x = x.flatten(0, 1).index_select(1, self.cols.token).unflatten(0, (b1 - b0, g1 - g0))
-        return x.float()
+        if scale is None:
+            return x.float()
+        return x * scale if x.dtype == torch.float32 and self.cols.token is None else x.float().mul_(scale)
+
+
+def _keys_carry_scale(Nk: int, rows: int, G: int) -> bool:
+    """Whether the keys, not the queries, carry scale * log2 e: when a key head's keys are at most a
+    quarter of its queries (cross-attention on text), one scaled copy of them per call costs less
+    than scaling every tile's queries (a fresh tile-of-queries temporary each time: ~0.1x SDPA at
+    sd15_cross, most of it faulting pages in)."""
+    return Nk * 4 <= rows * G
 
 
 def _pass(B: int, Hk: int, G: int, rows: torch.Tensor, ncol: int, kv_per_head: int, workspace: int | None):
@@ -520,12 +538,15 @@ def forward(q, k, v, out, scale, mask=None, mask_kind=0, key_padding=None, is_ca
     want_entropy = want_stats if want_entropy is None else want_entropy and want_stats
     ent = torch.empty((B, H, Nq), device=dev) if want_entropy else None
     peak = torch.empty((B, H, Nq), device=dev) if want_stats else None
-    size, tiles, whole = _pass(B, Hk, G, rows, Nk, _KV.bytes_per_head(Nk, D, Dv, k.dtype, v.dtype, cols), workspace_bytes)
+    keys_scaled = _keys_carry_scale(Nk, rows.numel(), G)
+    size, tiles, whole = _pass(B, Hk, G, rows, Nk, _KV.bytes_per_head(Nk, D, Dv, k.dtype, v.dtype, cols, keys_scaled),
+                               workspace_bytes)
     # Two tile buffers reused by every tile: fresh multi-MiB temporaries would fault their pages in
     # again each time. The second holds E = 2^(S - m) apart from S - m when the entropy needs both;
     # once a tile's entropy is taken (or from the start, without stats) the other is free scratch.
     buf_s, buf_e = _buffers(size, 2, dev)
-    kv, c2 = _KV(k, v, cols, whole), scale * LOG2E
+    c2 = scale * LOG2E
+    kv, c2 = _KV(k, v, cols, whole, c2 if keys_scaled else None), None if keys_scaled else c2
     for b0, b1, g0, g1, s, e in tiles:
         k_cols, v_cols = kv.block(b0, b1, g0, g1)
         h0, h1 = g0 * G, g1 * G
@@ -587,9 +608,12 @@ def maps_from_lse(q, k, lse, scale, maps, mask=None, mask_kind=0, key_padding=No
     rows_dev = rows.to(dev)
     # A fully masked row has LSE = -inf and every score NEG or -inf: +inf turns its P to exp2(-inf) = 0.
     lse2 = torch.where(torch.isneginf(lse), float("inf"), lse * LOG2E)
-    size, tiles, whole = _pass(B, Hk, G, rows, Nk, _KV.bytes_per_head(Nk, D, 0, k.dtype, k.dtype, cols), workspace_bytes)
+    keys_scaled = _keys_carry_scale(Nk, rows.numel(), G)
+    size, tiles, whole = _pass(B, Hk, G, rows, Nk, _KV.bytes_per_head(Nk, D, 0, k.dtype, k.dtype, cols, keys_scaled),
+                               workspace_bytes)
     buf, scratch = _buffers(size, 2, dev)
-    kv, c2 = _KV(k, None, cols, whole), scale * LOG2E
+    c2 = scale * LOG2E
+    kv, c2 = _KV(k, None, cols, whole, c2 if keys_scaled else None), None if keys_scaled else c2
     for b0, b1, g0, g1, s, e in tiles:
         k_cols = kv.block(b0, b1, g0, g1)[0]
         h0, h1 = g0 * G, g1 * G
