@@ -26,7 +26,7 @@ same pass (the GPU kernels need a second pass for maps). What keeps it near the 
   key range is a slice; key pooling comes first, then head sums, query pooling last;
 * tiles target the cache (TILE_BYTES); tiles, K/V copies (made once per block) and temporaries
   stay within ``workspace_bytes`` (WORKSPACE_BYTES by default): peak extra memory is the products
-  plus that. On the CPU the tile buffers (two, RETAIN_BYTES in all) stay allocated per thread between
+  plus that. On the CPU the tile buffers (three, RETAIN_BYTES in all) stay allocated per thread between
   calls, so a call does not fault their pages in again (_buffers).
 
 Shape legend: B batch, H query heads, Hk key heads, G = H // Hk query heads per key head, Nq, Nk,
@@ -541,10 +541,12 @@ def forward(q, k, v, out, scale, mask=None, mask_kind=0, key_padding=None, is_ca
     keys_scaled = _keys_carry_scale(Nk, rows.numel(), G)
     size, tiles, whole = _pass(B, Hk, G, rows, Nk, _KV.bytes_per_head(Nk, D, Dv, k.dtype, v.dtype, cols, keys_scaled),
                                workspace_bytes)
-    # Two tile buffers reused by every tile: fresh multi-MiB temporaries would fault their pages in
+    # Tile buffers reused by every tile: fresh multi-MiB temporaries would fault their pages in
     # again each time. The second holds E = 2^(S - m) apart from S - m when the entropy needs both;
     # once a tile's entropy is taken (or from the start, without stats) the other is free scratch.
-    buf_s, buf_e = _buffers(size, 2, dev)
+    # A third holds each tile's E V before it is scaled into ``out``: a fresh one per tile faulted its
+    # pages in every time (~1 ms a call at sdxl_cross, a quarter of SDPA there).
+    buf_s, buf_e, buf_o = _buffers(size, 3, dev)
     c2 = scale * LOG2E
     kv, c2 = _KV(k, v, cols, whole, c2 if keys_scaled else None), None if keys_scaled else c2
     for b0, b1, g0, g1, s, e in tiles:
@@ -564,7 +566,10 @@ def forward(q, k, v, out, scale, mask=None, mask_kind=0, key_padding=None, is_ca
             dead = m <= NEG / 2
             inv.masked_fill_(dead, 0.0)
         bb, hq, c = x.shape[:3]
-        o = torch.matmul(x.view(bb, g1 - g0, G * c, Nk), v_cols).view(bb, hq, c, Dv)
+        o = torch.matmul(x.view(bb, g1 - g0, G * c, Nk), v_cols,
+                         out=buf_o[:x.numel() // Nk * Dv].view(bb, g1 - g0, G * c, Dv)) if Dv <= Nk else \
+            torch.matmul(x.view(bb, g1 - g0, G * c, Nk), v_cols)  # E V larger than a tile: a fresh tensor
+        o = o.view(bb, hq, c, Dv)
         torch.mul(o, inv, out=out[b0:b1, h0:h1, s:e])
         log_l = torch.log2(l)
         row_lse = (m + log_l).mul_(LN2)
