@@ -391,7 +391,8 @@ def _buffers(n: int, count: int, device: torch.device) -> list[torch.Tensor]:
     block = getattr(_RETAINED, "block", None)
     if block is None or block.numel() < n * count:
         _RETAINED.block = None  # the old block goes before the larger one comes
-        block = _RETAINED.block = torch.empty(n * count)
+        with torch.inference_mode(False):  # a normal tensor: calls in and out of inference mode write it
+            block = _RETAINED.block = torch.empty(n * count)
     return [block[i * n:(i + 1) * n] for i in range(count)]
 
 

@@ -226,3 +226,17 @@ def test_kv_copies_made_once_per_block(monkeypatch, dtype):
     assert sorted(made) == [(0, 1, h, h + 1) for h in range(4)]
     _, ref = attention_reference(q, k, v, request=request)
     _check(got, ref)  # bf16 inputs: the reference sees the same rounded values, the path adds in fp32
+
+
+def test_retained_tile_buffers_serve_calls_in_and_out_of_inference_mode():
+    """The CPU tile buffers kept between calls (cpu_path._buffers) are first made inside
+    torch.inference_mode here; a later plain call still writes them (an inference tensor could not
+    be updated in place outside inference mode)."""
+    cpu_path._RETAINED.block = None
+    q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
+    request = MapRequest(heads="mean", stats=("entropy",))
+    with torch.inference_mode():
+        attncap.attention(q, k, v, request=request, backend="torch")
+    out, got = attncap.attention(q, k, v, request=request, backend="torch")
+    ref_out, ref = attention_reference(q, k, v, request=request)
+    _check(got, ref)
