@@ -410,8 +410,8 @@ def _scores(buf: torch.Tensor, q_rows: torch.Tensor, k_cols: torch.Tensor, c2: f
     hb, ncol = k_cols.shape[1], k_cols.shape[2]
     s = buf[:bb * hq * c * ncol].view(bb, hb, hq // hb * c, ncol)
     # GQA without copying keys per query head: query heads grouped under their key head; reshape,
-    # since q_rows of a BSHD layout keep their strides through the product. The queries carry the
-    # scale: c x D numbers, a small copy (baddbmm's alpha instead made the product ~20% slower).
+    # since q_rows of a BSHD layout keep their strides through the product. With c2, the queries
+    # carry the scale: c x D numbers, a small copy (baddbmm's alpha made the product ~20% slower).
     if c2 is None:
         q_rows = q_rows.float()
     else:
@@ -446,9 +446,10 @@ class _KV:
     """Keys and values of a tile's batches and key heads as the matmuls take them: fp32, rows in
     column order, the keys times ``key_scale`` when given (_keys_carry_scale). A view of the
     caller's tensor when that is already so, else a copy (permuted keys or values, a cast from
-    fp16/bf16, scaled keys; the caller's tensors are never changed): ``whole``, of every batch and key head at once, when they are
-    small (_tiles decides); else per block, kept while consecutive tiles share the block (_pass
-    orders tiles so that each block is made once) and dropped when the next block begins."""
+    fp16/bf16, scaled keys; the caller's tensors are never changed): ``whole``, of every batch and
+    key head at once, when they are small (_tiles decides); else per block, kept while consecutive
+    tiles share the block (_pass orders tiles so that each block is made once) and dropped when the
+    next block begins."""
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor | None, cols: _Columns, whole: bool, key_scale: float | None):
         self.k, self.v, self.cols, self.key_scale = k, v, cols, key_scale

@@ -122,6 +122,17 @@ PLANTS = {
 }
 
 
+def text_to_image_records(model, layer: str, inputs_list) -> list[list]:
+    """For each of ``inputs_list``: the text->image records of ``layer`` (every head) from one
+    captured forward, in key-segment order (one per image segment)."""
+    captured = []
+    for inp in inputs_list:
+        with torch.no_grad(), attncap.capture(model, relations="text->image", heads="all", layers=[layer]) as st:
+            model(**inp)
+        captured.append(sorted(st.get(layer=layer), key=lambda rec: rec.meta["key_segment"][0]))
+    return captured
+
+
 def _local_tower(model) -> None:
     """Zero every linear layer of the vision encoder blocks: each block then adds nothing to its residual
     stream, so an image token depends on its own patches only (embeddings, norms and merges are local)."""
@@ -148,13 +159,9 @@ def test_planted_patch_moves_its_grid_cell(name):
     else:
         planted["pixel_values"][where][..., r * p:(r + 1) * p, c * p:(c + 1) * p] += 30
     layer = lm_layers(model)[0]
-    rows = []
-    for inp in (inputs, planted):
-        with torch.no_grad(), attncap.capture(model, relations="text->image", heads="all", layers=[layer]) as st:
-            model(**inp)
-        recs = sorted(st.get(layer=layer), key=lambda rec: rec.meta["key_segment"][0])
-        rows.append([rec.data[0, :, -1].double() for rec in recs])  # the last text token, every head
-    grids = [rec.key_grid for rec in recs]
+    captured = text_to_image_records(model, layer, (inputs, planted))
+    rows = [[rec.data[0, :, -1].double() for rec in recs] for recs in captured]  # the last text token, every head
+    grids = [rec.key_grid for rec in captured[-1]]
     # A changed key moves its own column; every other column only rescales by the same per-head factor.
     shift = [(a / b).log() for a, b in zip(rows[1], rows[0])]
     median = torch.cat(shift, -1).median(-1, keepdim=True).values

@@ -23,7 +23,7 @@ PIL = pytest.importorskip("PIL.Image")
 
 import attncap  # noqa: E402
 from attncap.integrations.vlm_media import media_items  # noqa: E402
-from test_capture_vlm_families import _local_tower, eager  # noqa: E402
+from test_capture_vlm_families import _local_tower, eager, text_to_image_records  # noqa: E402
 from test_vlm_more_families import lm_layers, planted_cell, records_map  # noqa: E402
 from tiny_vlms import IMAGE, idefics3, mllama  # noqa: E402
 
@@ -93,13 +93,8 @@ def test_idefics3_patch_planted_in_a_tile_moves_that_tiles_cell():
     model = idefics3()
     _local_tower(model)
     (inputs, _), (planted, _) = idefics3_prompt(), idefics3_prompt(plant=True)
-    layer = lm_layers(model)[0]
-    rows = []
-    for inp in (inputs, planted):
-        with torch.no_grad(), attncap.capture(model, relations="text->image", heads="all", layers=[layer]) as st:
-            model(**inp)
-        recs = sorted(st.get(layer=layer), key=lambda r: r.meta["key_segment"][0])
-        rows.append({r.meta["key_tag"]: r.data[0, :, -1].double() for r in recs})
+    captured = text_to_image_records(model, lm_layers(model)[0], (inputs, planted))
+    rows = [{r.meta["key_tag"]: r.data[0, :, -1].double() for r in recs} for recs in captured]
     shift = {t: (rows[1][t] / rows[0][t]).log() for t in rows[0]}
     median = torch.cat(list(shift.values()), -1).median(-1, keepdim=True).values
     dev = {t: (s - median).abs().amax(0) for t, s in shift.items() if "global" not in t}
