@@ -20,10 +20,10 @@ same pass (the GPU kernels need a second pass for maps). What keeps it near the 
   column sum, the key-pooled values, 1/bin-size of the tile). The LSE is m + log2(l), the peak w
   and the entropy ln 2 * (log2 l - w sum_j E_j (S_j - m)): no log of P, no extra pass beyond one
   dot per row, and none of that without entropy;
-* the score columns follow the first pooled key axis of the request ("ragged slot-major": slot s of
-  every bin that has one, bins sorted by size), so a pooled key axis is a few view-and-sum
-  reductions over a middle axis (no one-hot matmul, no scatter, no padded keys), and an unpooled
-  key range is a slice; key pooling comes first, then head sums, query pooling last;
+* the score columns follow the first pooled key axis of the request (the bins of each size
+  together, slot-major: slot s of each of them), so a pooled key axis is one view-and-sum
+  reduction over a middle axis per bin size (no one-hot matmul, no scatter, no padded keys), and
+  an unpooled key range is a slice; key pooling comes first, then head sums, query pooling last;
 * tiles target the cache (TILE_BYTES); tiles, K/V copies (made once per block) and temporaries
   stay within ``workspace_bytes`` (WORKSPACE_BYTES by default): peak extra memory is the products
   plus that. On the CPU the tile buffers (three, RETAIN_BYTES in all) stay allocated per thread between
@@ -94,9 +94,10 @@ class _Columns:
     token   long [Ncol] on the device: key token of each column (None: the identity order)
     pos     long [Nk] on the host: column of each key token
     plan    the pooled key axis the order serves (None: identity)
-    groups  (first column, slots, bins) blocks: slot s of each of the first ``bins`` bins by size,
-            for ``slots`` consecutive slots; summing a block over its slots pools those bins
+    groups  (first column, size, bins) blocks, one per bin size (bins sorted by size, descending):
+            slot s of each of those bins for s = 0..size-1; summing a block over its slots pools them
     unsort  long [nb]: bins by size -> bin order (None when bins are already in order)
+    nbins   bins of ``plan`` (0: identity order)
     selections  cache of selection()
     """
     token: torch.Tensor | None
@@ -104,15 +105,17 @@ class _Columns:
     plan: AxisPlan | None
     groups: list[tuple[int, int, int]]
     unsort: torch.Tensor | None
+    nbins: int
     selections: dict = field(default_factory=dict)  # see selection()
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., Ncol] -> [..., nb]: sums over the bins of ``plan``, bins by size (bin_order()
-        puts them in bin order: once per call on the map, not once per tile)."""
-        first, slots, n = self.groups[0]
-        out = x[..., first:first + slots * n].unflatten(-1, (slots, n)).sum(-2)
-        for first, slots, n in self.groups[1:]:
-            out[..., :n] += x[..., first:first + slots * n].unflatten(-1, (slots, n)).sum(-2)
+        puts them in bin order: once per call on the map, not once per tile). One sum per bin
+        size, each into its own bins (a ragged grid's 4 sizes: 4 sums, no partial sums added up)."""
+        out, at = x.new_empty(x.shape[:-1] + (self.nbins,)), 0
+        for first, size, n in self.groups:
+            torch.sum(x[..., first:first + size * n].unflatten(-1, (size, n)), -2, out=out[..., at:at + n])
+            at += n
         return out
 
     def selection(self, selected: torch.Tensor) -> list[tuple[int, int, int]] | torch.Tensor:
@@ -142,27 +145,25 @@ def _columns(maps, Nk: int, device: torch.device) -> _Columns:
     """The column order: that of the first pooled key axis among ``maps``, else the identity."""
     pooled = next((kp for _, kp, _ in maps if kp.pooled), None)
     if pooled is None:
-        return _Columns(None, torch.arange(Nk), None, [], None)
+        return _Columns(None, torch.arange(Nk), None, [], None, 0)
     perm, starts = _host(pooled.perm).long(), _host(pooled.bin_start).long()
     counts = starts[1:] - starts[:-1]
     order = torch.sort(counts, descending=True, stable=True).indices
     by_size = counts[order]
-    blocks, groups, first, s = [], [], 0, 0
-    while s < int(by_size[0]):
-        n = int((by_size > s).sum())
-        stop = int(by_size[n - 1])  # the smallest of these n bins: slots s..stop-1 exist in all n
-        slots = torch.arange(s, stop)
-        blocks.append(perm[(starts[order[:n]][None, :] + slots[:, None]).reshape(-1)])
-        groups.append((first, stop - s, n))
-        first += (stop - s) * n
-        s = stop
+    blocks, groups, first, i = [], [], 0, 0
+    while i < order.numel():  # the bins of one size, slot-major: slot s of each, for s = 0..size-1
+        size = int(by_size[i])
+        n = int((by_size == size).sum())
+        blocks.append(perm[(starts[order[i:i + n]][None, :] + torch.arange(size)[:, None]).reshape(-1)])
+        groups.append((first, size, n))
+        first, i = first + size * n, i + n
     inside = torch.zeros(Nk, dtype=torch.bool)
     inside[perm] = True
     token = torch.cat(blocks + [torch.arange(Nk)[~inside]])
     pos = torch.empty(Nk, dtype=torch.long)
     pos[token] = torch.arange(Nk)
     unsort = None if bool((order == torch.arange(order.numel())).all()) else torch.argsort(order).to(device)
-    return _Columns(token.to(device), pos, pooled, groups, unsort)
+    return _Columns(token.to(device), pos, pooled, groups, unsort, counts.numel())
 
 
 class _MapJob:

@@ -14,8 +14,9 @@ prints one JSON row per task. Per task:
   2. memory call: CPU: gc, malloc_trim(0) (freed heap pages go back to the OS), reset the kernel's
      peak-RSS counter (write 5 to /proc/self/clear_refs), read VmRSS, run, read VmHWM:
      peak_extra = VmHWM - VmRSS. CUDA: reset_peak_memory_stats, max_memory_allocated - allocated;
-  3. timed calls: perf_counter (CPU) or CUDA events; median, p20, p80 of 7 calls (5 when a call
-     takes over 0.3 s; on CPU, 3 when it takes over 2 s, the memory call being the first of them).
+  3. timed calls: perf_counter (CPU) or CUDA events; median, p20, p80 of 21 calls (11 when a call
+     takes 30 ms or more, 5 from 0.3 s; on CPU, 3 when it takes over 2 s, the memory call being the
+     first of them): repeats_for().
      On a shared machine, other processes' CPU use during the timed calls is recorded (others_cpu,
      share of all cores) and a disturbed block (> 5%) is timed again, up to twice. With
      cfg["paired"] (run.py --paired, capture providers), each timed call is preceded by a call of
@@ -115,6 +116,12 @@ def one_call_ms(fn, device: str) -> float:
     t0 = time.perf_counter()
     fn()
     return (time.perf_counter() - t0) * 1e3
+
+
+def repeats_for(first_ms: float) -> int:
+    """Timed calls for a call of ``first_ms``: more for fast calls, whose medians scatter most from
+    call to call on a shared VM (a 2 ms call by +-10% over 7 calls; the time stays a few seconds)."""
+    return 3 if first_ms > SLOW_MS else 5 if first_ms >= 300 else 11 if first_ms >= 30 else 21
 
 
 def timed(fn, device: str, repeats: int, baseline=None) -> tuple[list[float], float, list[float]]:
@@ -229,8 +236,7 @@ def measure_task(cfg: dict, shape, task: str, q, k, v) -> dict:
         times, others, base = timed(call, device, 2)
         times = [first_ms] + times
     else:
-        times, others, base = quiet_times(call, device, 3 if first_ms > SLOW_MS else 7 if first_ms < 300 else 5,
-                                          baseline)
+        times, others, base = quiet_times(call, device, repeats_for(first_ms), baseline)
     p20, p50, p80 = np.percentile(times, [20, 50, 80])
     row = dict(median_ms=round(p50, 3), p20_ms=round(p20, 3), p80_ms=round(p80, 3), repeats=len(times),
                peak_extra_mib=round(peak / MiB, 1), others_cpu=round(others, 3))

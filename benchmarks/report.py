@@ -42,9 +42,9 @@ Before any provider is timed, its output and products are checked against attnca
 bf16 on CUDA. sdpa and attncap_plain do not depend on the task; their one measurement per shape
 is repeated in every task's table.
 
-**Time.** After one untimed warm-up call (the one that is checked): median, p20 and p80 of 7
-calls (5 when a call takes over 0.3 s; on CPU 3 when it takes over 2 s). CPU: `time.perf_counter`;
-CUDA: CUDA events.
+**Time.** After one untimed warm-up call (the one that is checked): median, p20 and p80 of 21
+calls (11 when a call takes 30 ms or more, 5 from 0.3 s; on CPU 3 when it takes over 2 s; rows
+measured before 2026-12-03 took 7, 5 and 3). CPU: `time.perf_counter`; CUDA: CUDA events.
 
 **Peak memory** (`peak extra`): memory a call takes on top of its live inputs, measured, not
 estimated. Every (provider, shape) runs in its own fresh process, forked from a server that has

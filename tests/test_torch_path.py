@@ -95,8 +95,8 @@ def test_query_pooling_by_runs_any_tiling(monkeypatch, poison_outputs, rows_per_
 
 
 def test_column_order_pools_ragged_bins_by_slot():
-    """The pooled key axis orders the columns slot by slot over bins sorted by size, and pool()
-    sums each bin's own keys, whatever sizes the bins have (a 5x7 grid in 2x3 bins)."""
+    """The pooled key axis orders the columns by bin size, the bins of one size slot by slot, and
+    pool() sums each bin's own keys, whatever sizes the bins have (a 5x7 grid in 2x3 bins)."""
     kp = plan_range(3, 38, (5, 7), (2, 3))
     cols = cpu_path._columns([(None, kp, None)], 40, torch.device("cpu"))
     assert sorted(cols.token.tolist()) == list(range(40))
@@ -104,7 +104,7 @@ def test_column_order_pools_ragged_bins_by_slot():
     got = cols.bin_order(cols.pool(x[:, cols.token]))
     want = torch.zeros(2, kp.nbins, dtype=torch.float64).index_add_(1, kp.bin_of_slot.long(), x[:, kp.perm.long()])
     torch.testing.assert_close(got, want)
-    assert len(cols.groups) == 4  # bin sizes 6, 4 (short last column), 3 (short last row), 2 (corner)
+    assert [(size, n) for _, size, n in cols.groups] == [(6, 4), (3, 2), (2, 2), (1, 1)]  # short last row, column
 
 
 def test_runs_on_any_device_without_reading_it_back():
