@@ -1,7 +1,7 @@
 """The pooled map against the unpooled one on the torch path, timed side by side in one process.
 
     python benchmarks/pooled_vs_unpooled.py [--threads 2] [--repeats 41] [--out benchmarks/results-pooled-cpu.json]
-        [--write-results benchmarks/RESULTS.md]
+        [--write-results benchmarks/RESULTS.md] [--render]
 
 run.py times each task in its own block of calls, so comparing its pooled_map and head_mean_map
 cells compares two blocks taken seconds apart, each paired with its own SDPA calls; on a shared VM
@@ -80,7 +80,12 @@ def main() -> None:
     parser.add_argument("--shapes", help="comma-separated CPU shape names (default: every shape with both tasks)")
     parser.add_argument("--out", default=os.path.join(HERE, "results-pooled-cpu.json"))
     parser.add_argument("--write-results", help="RESULTS.md to write this section into")
+    parser.add_argument("--render", action="store_true", help="measure nothing: render the run in --out")
     args = parser.parse_args()
+    if args.render:
+        with open(args.out) as f:
+            write(json.load(f), args)
+        return
     torch.set_num_threads(args.threads)
     names = args.shapes.split(",") if args.shapes else [n for n, s in CPU.items() if all(t in s.tasks for t in TASKS)]
     unknown = [n for n in names if n not in CPU]
@@ -96,6 +101,10 @@ def main() -> None:
                attncap=attncap.__version__, attncap_src=attncap_source_hash(), rows=rows)
     with open(args.out, "w") as f:
         json.dump(doc, f, indent=1)
+    write(doc, args)
+
+
+def write(doc: dict, args: argparse.Namespace) -> None:
     text = section(doc, os.path.relpath(args.out, os.path.dirname(HERE)))
     print(text)
     if args.write_results:
