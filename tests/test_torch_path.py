@@ -94,6 +94,33 @@ def test_query_pooling_by_runs_any_tiling(monkeypatch, poison_outputs, rows_per_
     torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("rows_per_tile", [111, 40, 7], ids=["one-tile", "tiles-of-whole-bands", "tiles-cut-bands"])
+def test_query_pooling_by_whole_bands(monkeypatch, poison_outputs, rows_per_tile):
+    """Queries pooled (2, 4) on a 6x16 grid after 15 text tokens come in bands of 2 grid rows (32
+    tokens, 4 bins): a tile's whole bands are summed by reshape (_MapJob._add_bands), the cut ones
+    by runs. Tiles of 40 rows hold one whole band and cut others; tiles of 7 hold none. Head means
+    and every head, keys pooled on the same grid or text keys unpooled, GQA; float64 reference."""
+    monkeypatch.setattr(cpu_path, "TILE_BYTES", 2 * 111 * 4 * rows_per_tile)  # both query heads of a key head
+    monkeypatch.setattr(cpu_path, "MIN_ROWS", rows_per_tile)
+    q, k, v = torch.randn(2, 4, 111, 40), torch.randn(2, 2, 111, 40), torch.randn(2, 2, 111, 24)
+    image = dict(query_range=(15, 111), query_grid=(6, 16), query_pool=(2, 4))
+    requests = [MapRequest(heads="mean", map=True, key_range=(15, 111), key_grid=(6, 16), key_pool=4,
+                           stats=("colsum", "entropy"), **image),
+                MapRequest(heads="all", map=True, key_range=(0, 15), **image)]
+    qp = plan_range(15, 111, (6, 16), (2, 4))
+    job = cpu_path._MapJob(qp, qp, torch.zeros(1, 4, dtype=torch.int32), cpu_path._columns([], 111, q.device),
+                           torch.arange(111), q.device)
+    assert job.band == (32, 2, 4, 4, 0)
+    ragged = plan_range(15, 111, (6, 16), (4, 4))  # a last band of 2 grid rows: runs and index_add_ only
+    assert cpu_path._MapJob(ragged, ragged, torch.zeros(1, 4, dtype=torch.int32), cpu_path._columns([], 111, q.device),
+                            torch.arange(111), q.device).band is None
+    out, got = attncap.attention(q, k, v, request=requests, backend="torch")
+    for request, products in zip(requests, got):
+        ref_out, ref = attention_reference(q, k, v, request=request)
+        _check(products, ref)
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
+
+
 def test_column_order_pools_ragged_bins_by_slot():
     """The pooled key axis orders the columns by bin size, the bins of one size slot by slot, and
     pool() sums each bin's own keys, whatever sizes the bins have (a 5x7 grid in 2x3 bins)."""
