@@ -20,7 +20,7 @@ def capture(target: Any, relations: str | Sequence[str] = "auto", layers: str | 
             tokens: int | str | Sequence[int | str] | None = None, pool: int | Sequence[int] | None = None,
             stats: Sequence[str] = (), offload: str | None = "cpu", max_bytes: int = 8 * 2**30,
             spill_dir: str | Path | None = None, backend: str = "auto", layout: Any = None,
-            strict: bool = True, cp_store: str = "rank0") -> "Capture":
+            strict: bool = True, cp_store: str = "rank0", workspace_bytes: int | None = None) -> "Capture":
     """Capture attention maps from every call of ``target`` inside the block.
 
     target:    a diffusers pipeline or denoiser model (SD/SDXL UNets, SD3, Flux, Wan 2.1/2.2), a transformers
@@ -50,6 +50,8 @@ def capture(target: Any, relations: str | Sequence[str] = "auto", layers: str | 
     cp_store:  under context parallelism (diffusers' enable_parallelism: Ulysses, ring, both) every rank
                runs the same block and the products are reduced over the CP group: "rank0" files them on
                rank 0 only (the other ranks' stores stay empty), "all" on every rank.
+    workspace_bytes: on the torch path (CPU, MPS, backend="torch"), each captured call's bound on working
+               memory beyond the model's tensors and the products (None: 64 MiB); see attncap.attention.
     Every option is checked here, before anything is installed (attncap.options); what needs the model
     (segments, step count, text length, heads) is checked at the first denoiser call, before it runs.
     Returns a context manager that yields the Store; every processor and hook is restored on exit, also
@@ -66,7 +68,8 @@ def capture(target: Any, relations: str | Sequence[str] = "auto", layers: str | 
     if cp_store not in ("rank0", "all"):
         raise ValueError(f"cp_store must be 'rank0' (the store on rank 0) or 'all' (on every rank); got {cp_store!r}")
     return Capture(target, config, store_args, options.check_backend(backend), check_layout(layout),
-                   f"{caller.f_code.co_filename}:{caller.f_lineno}", strict, cp_store)
+                   f"{caller.f_code.co_filename}:{caller.f_lineno}", strict, cp_store,
+                   options.check_workspace_bytes(workspace_bytes))
 
 
 class CaptureIncomplete(ValueError):
@@ -77,8 +80,9 @@ class Capture:
     """One capture block (made by attncap.capture): claims the target's modules, installs, restores."""
 
     def __init__(self, target: Any, config: CaptureConfig, store_args: dict, backend: str, layout: Any, where: str,
-                 strict: bool = True, cp_store: str = "rank0"):
+                 strict: bool = True, cp_store: str = "rank0", workspace_bytes: int | None = None):
         self.target, self.config, self.store_args = target, config, store_args
+        self.workspace_bytes = workspace_bytes
         self.backend, self.layout, self.where, self.strict, self.cp_store = backend, layout, where, strict, cp_store
         self._session: CaptureSession | None = None
         self._state = "new"  # -> "open" -> "closed"
@@ -96,7 +100,8 @@ class Capture:
         self._compiled = CompiledCaches(self.target)
         try:
             store = self._store = Store(**self.store_args)
-            session = self._session = CaptureSession(self.config, store, backend=self.backend, cp_store=self.cp_store)
+            session = self._session = CaptureSession(self.config, store, backend=self.backend, cp_store=self.cp_store,
+                                                          workspace_bytes=self.workspace_bytes)
             self._installed = _integration_for(self.target, session, self.layout)
             self._installed.install()
             from .integrations.generic import GenericCapture

@@ -539,11 +539,21 @@ def _keys_carry_scale(Nk: int, rows: int, G: int) -> bool:
     return Nk * 4 <= rows * G
 
 
-def _pass(B: int, Hk: int, G: int, rows: torch.Tensor, ncol: int, kv_per_head: int, workspace: int | None):
+def _pass(B: int, Hk: int, G: int, rows: torch.Tensor, ncol: int, kv_per_head: int, workspace: int | None,
+          buffers: int):
     """(tile elements, every tile of a pass over ``rows`` (host, ascending) as (b0, b1, g0, g1, s, e),
     whether K/V copies are made whole: see _tiles). Heads vary fastest, so the products' rows of a
     block of queries stay in cache across its heads, unless K/V copies are made per block: then
-    rows vary fastest and each block is copied once (per tile it cost ~0.13x SDPA at H24 N4096)."""
+    rows vary fastest and each block is copied once (per tile it cost ~0.13x SDPA at H24 N4096).
+    A ``workspace`` the caller gave that cannot hold the smallest tile (one query row of one key
+    head's G query heads in each of ``buffers`` tile buffers, and that key head's K/V copies) is a
+    ValueError, raised before any work; the default bound is kept where it can be."""
+    least = buffers * G * ncol * 4 + kv_per_head
+    if workspace is not None and workspace < least:
+        raise ValueError(f"workspace_bytes={workspace} is too small for this call: its smallest tile (one query row "
+                         f"of {G} query head(s) over {ncol} keys, fp32, in {buffers} buffers) and one key head's "
+                         f"K/V copies take {least} bytes; pass at least that, or None "
+                         f"(attncap.cpu_path.WORKSPACE_BYTES, {WORKSPACE_BYTES // 2**20} MiB)")
     bb, hb, c, whole = _tiles(B, Hk, G, rows.numel(), ncol, kv_per_head,
                               WORKSPACE_BYTES if workspace is None else workspace)
     n = rows.numel()
@@ -575,6 +585,9 @@ def forward(q, k, v, out, scale, mask=None, mask_kind=0, key_padding=None, is_ca
         out.copy_(o)
         return lse, None, None, None, []
     cols, jobs, rows = _prepare(maps, Nk, Nq, lambda: torch.arange(Nq), dev)
+    keys_scaled = _keys_carry_scale(Nk, rows.numel(), G)
+    size, tiles, whole = _pass(B, Hk, G, rows, Nk, _KV.bytes_per_head(Nk, D, Dv, k.dtype, v.dtype, cols, keys_scaled),
+                               workspace_bytes, 3)
     firsts = [job.writes_first(H) for job in jobs]
     totals = [job.zeros(B, first, dev) for job, first in zip(jobs, firsts)]
     lse = torch.empty((B, H, Nq), dtype=torch.float32, device=dev)
@@ -583,9 +596,6 @@ def forward(q, k, v, out, scale, mask=None, mask_kind=0, key_padding=None, is_ca
     want_entropy = want_stats if want_entropy is None else want_entropy and want_stats
     ent = torch.empty((B, H, Nq), device=dev) if want_entropy else None
     peak = torch.empty((B, H, Nq), device=dev) if want_stats else None
-    keys_scaled = _keys_carry_scale(Nk, rows.numel(), G)
-    size, tiles, whole = _pass(B, Hk, G, rows, Nk, _KV.bytes_per_head(Nk, D, Dv, k.dtype, v.dtype, cols, keys_scaled),
-                               workspace_bytes)
     # Tile buffers reused by every tile: fresh multi-MiB temporaries would fault their pages in
     # again each time. The second holds E = 2^(S - m) apart from S - m when the entropy needs both;
     # once a tile's entropy is taken (or from the start, without stats) the other is free scratch.
@@ -652,15 +662,15 @@ def maps_from_lse(q, k, lse, scale, maps, mask=None, mask_kind=0, key_padding=No
     G, dev = H // Hk, q.device
     cols, jobs, rows = _prepare(maps, Nk, "union", lambda: torch.unique(torch.cat([_host(qp.perm).long() for qp, _, _ in maps])),
                                 dev)
+    keys_scaled = _keys_carry_scale(Nk, rows.numel(), G)
+    size, tiles, whole = _pass(B, Hk, G, rows, Nk, _KV.bytes_per_head(Nk, D, 0, k.dtype, k.dtype, cols, keys_scaled),
+                               workspace_bytes, 2)
     firsts = [job.writes_first(H) for job in jobs]
     totals = [job.zeros(B, first, dev) for job, first in zip(jobs, firsts)]
     contiguous = int(rows[-1]) - int(rows[0]) + 1 == rows.numel()
     rows_dev = rows.to(dev)
     # A fully masked row has LSE = -inf and every score NEG or -inf: +inf turns its P to exp2(-inf) = 0.
     lse2 = torch.where(torch.isneginf(lse), float("inf"), lse * LOG2E)
-    keys_scaled = _keys_carry_scale(Nk, rows.numel(), G)
-    size, tiles, whole = _pass(B, Hk, G, rows, Nk, _KV.bytes_per_head(Nk, D, 0, k.dtype, k.dtype, cols, keys_scaled),
-                               workspace_bytes)
     buf, scratch = _buffers(size, 2, dev)
     c2 = scale * LOG2E
     kv, c2 = _KV(k, None, cols, whole, c2 if keys_scaled else None), None if keys_scaled else c2

@@ -26,6 +26,7 @@ import torch
 
 from . import cpu_path, nonfinite
 from .layouts import AxisPlan, AxisSpec, sum_bins
+from .options import check_workspace_bytes
 from .request import MapRequest, request_key
 from .validate import (Plan, Shapes, check_masks, check_request, check_tensors, mask_views, product_shapes,
                        selected_union)
@@ -40,7 +41,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
               attn_mask: torch.Tensor | None = None, is_causal: bool = False,
               request: MapRequest | Sequence[MapRequest] | None = None, *,
               key_padding_mask: torch.Tensor | None = None, layout: str = "bhsd",
-              backend: str = "auto", softcap: float | None = None) -> tuple[torch.Tensor, Products | list[Products]]:
+              backend: str = "auto", softcap: float | None = None,
+              workspace_bytes: int | None = None) -> tuple[torch.Tensor, Products | list[Products]]:
     """Scaled dot-product attention that also returns reductions of its probabilities.
 
     Shapes (layout="bhsd", as torch SDPA; layout="bshd" swaps H and N in every tensor):
@@ -49,6 +51,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
         key_padding_mask: bool [B, Nk], True = keep.   is_causal: query i sees keys j <= i (top-left).
     softcap: logit softcapping (Gemma 2): scores = softcap * tanh(scale * q.k / softcap), applied
         before the masks are added, as transformers' eager attention does; None = no capping.
+    workspace_bytes: on the torch path (CPU, MPS, backend="torch"), the bound on the call's working
+        memory beyond its inputs, outputs and products (None: attncap.cpu_path.WORKSPACE_BYTES, 64 MiB);
+        smaller means more, shorter tiles. A bound too small for one query row of the widest tile is a
+        ValueError naming the least that works. The Triton kernels ignore it (their working tensors,
+        per-head rows of the forward and the map pass's partial sums, follow from the request).
     Returns (out [B, H, Nq, Dv] in q's dtype and layout, products): products is {} without a
     request, else the float32 tensors described in attncap.request (map, tokens, rows, colsum,
     entropy, peak). A list of requests (several relations of one joint sequence) shares one
@@ -60,10 +67,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     check_masks(attn_mask, key_padding_mask, shapes, q.device)
     scale = _check_scale(scale, shapes.D)
     softcap = _check_softcap(softcap)
+    workspace_bytes = check_workspace_bytes(workspace_bytes)
     _check_backend(backend, q.device)
     single = request is None or isinstance(request, MapRequest)
     call = _checked(() if request is None else (request,) if single else tuple(request), shapes)
-    args = (q, k, v, attn_mask, key_padding_mask, scale, bool(is_causal), layout, backend, call.text, softcap)
+    args = (q, k, v, attn_mask, key_padding_mask, scale, bool(is_causal), layout, backend, call.text, softcap,
+            workspace_bytes)
     flat = _attention_impl(*args) if _plain_eager(q, k, v, attn_mask, key_padding_mask) \
         else torch.ops.attncap.attention(*args)
     results = _unflatten(call, flat[1:])
@@ -76,13 +85,14 @@ def maps_from_lse(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: fl
                   attn_mask: torch.Tensor | None = None, is_causal: bool = False,
                   request: MapRequest | Sequence[MapRequest] = MapRequest(), *,
                   key_padding_mask: torch.Tensor | None = None, layout: str = "bhsd",
-                  backend: str = "auto", softcap: float | None = None) -> Products | list[Products]:
+                  backend: str = "auto", softcap: float | None = None,
+                  workspace_bytes: int | None = None) -> Products | list[Products]:
     """The map products (map, rows, colsum) of attention whose forward ran elsewhere.
 
     For a flash forward attncap did not run (PyTorch SDPA's flash backend, flash-attn, FA3) that
     returns the log-sum-exp: attncap's map pass recomputes P = exp(scale * Q K^T + mask - LSE) tile
-    by tile from it (with softcap: the capped scores, as attncap.attention). q, k, masks, softcap and
-    request as in attncap.attention; lse float32 [B, H, Nq] in
+    by tile from it (with softcap: the capped scores, as attncap.attention). q, k, masks, softcap,
+    workspace_bytes and request as in attncap.attention; lse float32 [B, H, Nq] in
     natural-log units (-inf for a fully masked query), as torch's _scaled_dot_product_flash_attention
     (CUDA) and _scaled_dot_product_flash_attention_for_cpu (CPU) return it; attncap.cpu_path.sdpa_with_lse
     calls the one for q's device and lists which forwards give a usable LSE where.
@@ -97,6 +107,7 @@ def maps_from_lse(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: fl
     check_masks(attn_mask, key_padding_mask, shapes, q.device)
     scale = _check_scale(scale, shapes.D)
     softcap = _check_softcap(softcap)
+    workspace_bytes = check_workspace_bytes(workspace_bytes)
     _check_backend(backend, q.device)
     single = isinstance(request, MapRequest)
     call = _checked((request,) if single else tuple(request), shapes)
@@ -106,7 +117,8 @@ def maps_from_lse(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: fl
         if forward_only:
             raise ValueError(f"request asks for {forward_only}, which come from the forward pass; maps_from_lse "
                              "computes map, rows (queries=) and colsum: use attncap.attention for the others")
-    args = (q, k, lse, attn_mask, key_padding_mask, scale, bool(is_causal), layout, backend, call.text, softcap)
+    args = (q, k, lse, attn_mask, key_padding_mask, scale, bool(is_causal), layout, backend, call.text, softcap,
+            workspace_bytes)
     flat = _maps_from_lse_impl(*args) if _plain_eager(q, k, lse, attn_mask, key_padding_mask) \
         else torch.ops.attncap.maps_from_lse(*args)
     results = _unflatten(call, flat)
@@ -338,7 +350,7 @@ def _map_jobs(plans: Sequence[Plan], tables: Sequence[_Tables]) -> list[tuple[Ax
 
 def _attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
                     key_padding_mask: torch.Tensor | None, scale: float, is_causal: bool, layout: str, backend: str,
-                    plans: str, softcap: float | None = None) -> list[torch.Tensor]:
+                    plans: str, softcap: float | None = None, workspace_bytes: int | None = None) -> list[torch.Tensor]:
     """[out, then each plan's products in product_shapes' order]. Arguments as checked by attention()."""
     q4, k4, v4 = (_bhsd(x, layout) for x in (q, k, v))
     B, H, Nq, _ = q4.shape
@@ -353,7 +365,8 @@ def _attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask
         # The CPU path reduces every map in the forward's own pass.
         lse, tokens, ent, peak, maps = impl.forward(q4, k4, v4, _bhsd(out, layout), scale, selected=call.selected,
                                                     want_stats=call.want_stats, maps=call.jobs,
-                                                    want_entropy=any("entropy" in p.stats for p in call.plans), **masks)
+                                                    want_entropy=any("entropy" in p.stats for p in call.plans),
+                                                    workspace_bytes=workspace_bytes, **masks)
     else:
         lse, tokens, ent, peak = impl.forward(q4, k4, v4, _bhsd(out, layout), scale, selected=call.selected,
                                               want_stats=call.want_stats, **masks)
@@ -368,14 +381,16 @@ _attention_op = torch.library.custom_op("attncap::attention", _attention_impl, m
 
 
 @_attention_op.register_fake
-def _attention_fake(q, k, v, attn_mask, key_padding_mask, scale, is_causal, layout, backend, plans, softcap=None):
+def _attention_fake(q, k, v, attn_mask, key_padding_mask, scale, is_causal, layout, backend, plans, softcap=None,
+                    workspace_bytes=None):
     out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
     return [out] + _fake_products(q, plans)
 
 
 def _maps_from_lse_impl(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, attn_mask: torch.Tensor | None,
                         key_padding_mask: torch.Tensor | None, scale: float, is_causal: bool, layout: str,
-                        backend: str, plans: str, softcap: float | None = None) -> list[torch.Tensor]:
+                        backend: str, plans: str, softcap: float | None = None,
+                        workspace_bytes: int | None = None) -> list[torch.Tensor]:
     """Each plan's products in product_shapes' order. Arguments as checked by maps_from_lse()."""
     q4, k4 = _bhsd(q, layout), _bhsd(k, layout)
     B, H, Nq, _ = q4.shape
@@ -386,7 +401,7 @@ def _maps_from_lse_impl(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, att
     if B == 0:
         return _fake_products(q, plans)
     if impl is cpu_path:
-        maps = cpu_path.maps_from_lse(q4, k4, lse, scale, call.jobs, **masks)
+        maps = cpu_path.maps_from_lse(q4, k4, lse, scale, call.jobs, workspace_bytes=workspace_bytes, **masks)
     else:
         maps = [impl.map_pass(q4, k4, lse, scale, qp, kp, heads, **masks) for qp, kp, heads in call.jobs]
     done = iter(maps)
@@ -399,7 +414,7 @@ _maps_from_lse_op = torch.library.custom_op("attncap::maps_from_lse", _maps_from
 
 @_maps_from_lse_op.register_fake
 def _maps_from_lse_fake(q, k, lse, attn_mask, key_padding_mask, scale, is_causal, layout, backend, plans,
-                        softcap=None):
+                        softcap=None, workspace_bytes=None):
     return _fake_products(q, plans)
 
 

@@ -188,6 +188,22 @@ def check_spill_dir(spill_dir: Any) -> str | os.PathLike | None:
     return spill_dir
 
 
+def check_workspace_bytes(workspace_bytes: Any) -> int | None:
+    """The torch path's bound on working memory (bytes), or None for its default."""
+    if workspace_bytes is None:
+        return None
+    try:
+        n = None if isinstance(workspace_bytes, bool) else operator.index(workspace_bytes)
+    except TypeError:
+        n = None
+    if n is None:
+        raise TypeError(f"workspace_bytes must be a number of bytes (an int, e.g. 16 * 2**20) or None "
+                        f"(attncap.cpu_path.WORKSPACE_BYTES, 64 MiB); got {_what(workspace_bytes)}")
+    if n <= 0:
+        raise ValueError(f"workspace_bytes must be positive (e.g. 16 * 2**20 for 16 MiB) or None (64 MiB); got {n}")
+    return n
+
+
 def check_backend(backend: Any) -> str:
     from .ops import BACKENDS
 

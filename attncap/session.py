@@ -166,6 +166,7 @@ class CaptureSession:
     backend: str = "auto"
     ledger: Ledger = field(default_factory=Ledger)
     cp_store: str = "rank0"   # under context parallelism: the store on rank 0 only, or on "all" ranks
+    workspace_bytes: int | None = None  # the torch path's working-memory bound (attncap.attention's)
     _requests: dict = field(default_factory=dict, repr=False)  # requests_for's cache
 
     def entered(self, layer: str) -> None:
@@ -273,7 +274,7 @@ class CaptureSession:
                              "pick head indices below that, 'mean' or 'all', or layers with more heads")
         out, products = attention(q, k, v, scale=scale, attn_mask=attn_mask, is_causal=is_causal,
                                   request=[w[3] for w in wanted], backend=self.backend, layout=layout_name,
-                                  softcap=softcap)
+                                  softcap=softcap, workspace_bytes=self.workspace_bytes)
         self._file_call(layer, layout, wanted, products)
         return out
 

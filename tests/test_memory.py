@@ -6,8 +6,8 @@ counter (VmHWM, via /proc/self/clear_refs, as benchmarks/measure.py does) and re
 one attncap.attention call: a pooled map with column sums and entropy (small products: the
 workspace is what shows), or an unpooled head-mean map of 96 MiB (a large product: any copy of it
 on the way out, in attncap.ops or its NaN policy, breaks the bound). At this size the probability
-tensor alone is 2.25 GiB; the torch path's workspace bound (attncap.cpu_path.WORKSPACE_BYTES,
-64 MiB by default) is set per run.
+tensor alone is 2.25 GiB; the torch path's workspace bound is the default (attncap.cpu_path.WORKSPACE_BYTES,
+64 MiB) or the call's workspace_bytes argument.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ SCRIPT = textwrap.dedent("""
         with open("/proc/self/status") as f:
             return int(re.search(rf"^{field}:\\s+(\\d+) kB", f.read(), re.M).group(1)) * 1024
 
-    cpu_path.WORKSPACE_BYTES = int(sys.argv[1])
+    workspace = None if sys.argv[1] == "default" else int(sys.argv[1])
     if sys.argv[3] != "default":
         cpu_path.TILE_BYTES = int(sys.argv[3])
     torch.manual_seed(0)
@@ -48,7 +48,7 @@ SCRIPT = textwrap.dedent("""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := VmRSS
     before = status("VmRSS")
-    out, products = attncap.attention(q, k, v, request=req, backend="torch")
+    out, products = attncap.attention(q, k, v, request=req, backend="torch", workspace_bytes=workspace)
     extra = status("VmHWM") - before
     kept = out.numel() * out.element_size() + sum(p.numel() * 4 for p in products.values())
     per_head = 3 * H * N * 4  # the forward's per-head LSE, entropy and peak rows (validate.product_bytes)
@@ -56,13 +56,15 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _measure(workspace: int, request: str = "pooled", tile_bytes: int | None = None) -> dict:
+def _measure(workspace: int | None, request: str = "pooled", tile_bytes: int | None = None) -> dict:
+    """One call in a fresh process; ``workspace``: its workspace_bytes (None: the default)."""
     # A fixed mmap threshold: glibc otherwise raises it each time a large block is freed, later blocks of
     # that size come from the heap and stay resident after free, and the same call peaked anywhere from
     # 21 to 37 MiB over five runs (16 MiB workspace); with it, large blocks return to the system on free
     # and the peak is the live memory (21.7-23.1 MiB).
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(128 * 1024))
-    result = subprocess.run([sys.executable, "-c", SCRIPT, str(workspace), request, str(tile_bytes or "default")],
+    result = subprocess.run([sys.executable, "-c", SCRIPT, str(workspace or "default"), request,
+                             str(tile_bytes or "default")],
                             capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -72,7 +74,7 @@ def _measure(workspace: int, request: str = "pooled", tile_bytes: int | None = N
 def test_peak_extra_memory_is_products_plus_the_workspace():
     # Tiles as large as the bound allows (cpu_path.TILE_BYTES, 4 MiB, would stop them first), so
     # the bound is what sets the working memory.
-    default, small = _measure(64 * MiB, tile_bytes=2**40), _measure(16 * MiB, tile_bytes=2**40)
+    default, small = _measure(None, tile_bytes=2**40), _measure(16 * MiB, tile_bytes=2**40)
     assert default["naive"] > 2 * GiB
     # 4 MiB of slack: the plan tables, the layout's index arrays and allocator rounding.
     for m, workspace in ((default, 64 * MiB), (small, 16 * MiB)):
@@ -85,7 +87,7 @@ def test_peak_extra_memory_is_products_plus_the_workspace():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status (Linux)")
 def test_a_large_product_is_not_copied_on_the_way_out():
     """The default configuration (4 MiB tiles, 64 MiB bound) with a 96 MiB product."""
-    m = _measure(64 * MiB, "map")
+    m = _measure(None, "map")
     assert m["naive"] > 2 * GiB and m["kept"] > 96 * MiB
     assert m["extra"] <= m["kept"] + 64 * MiB + 4 * MiB, m  # a second copy of the map would add 96 MiB
     print(f"peak extra {m['extra'] / MiB:.1f} MiB for {m['kept'] / MiB:.1f} MiB of results (workspace 64 MiB)")

@@ -73,6 +73,9 @@ BAD_OPTIONS = [
     (dict(max_bytes=0), ValueError, r"max_bytes must be a positive"),
     (dict(spill_dir=3), TypeError, r"spill_dir must be a folder path"),
     (dict(backend="cuda"), ValueError, r"backend must be one of"),
+    (dict(workspace_bytes="64MiB"), TypeError, r"workspace_bytes must be a number of bytes"),
+    (dict(workspace_bytes=1.5e6), TypeError, r"workspace_bytes must be a number of bytes"),
+    (dict(workspace_bytes=0), ValueError, r"workspace_bytes must be positive"),
     (dict(layout=[("part0", 0)]), ValueError, r"layout: segment 'part0' needs a positive int length"),
 ]
 

@@ -267,3 +267,73 @@ def test_retained_tile_buffers_serve_calls_in_and_out_of_inference_mode():
     out, got = attncap.attention(q, k, v, request=request, backend="torch")
     ref_out, ref = attention_reference(q, k, v, request=request)
     _check(got, ref)
+
+
+def _record_passes(monkeypatch) -> list[tuple[int | None, int]]:
+    """(workspace_bytes, tiles) of every pass the torch path makes from now on."""
+    seen, real = [], cpu_path._pass
+    def spy(*args):
+        size, tiles, whole = real(*args)
+        seen.append((args[6], len(tiles)))
+        return size, tiles, whole
+    monkeypatch.setattr(cpu_path, "_pass", spy)
+    return seen
+
+
+def test_workspace_bytes_bounds_the_tiles_of_attention_and_maps_from_lse(monkeypatch, poison_outputs):
+    """The public workspace_bytes reaches the torch path: a 60 kB bound cuts a call that one tile
+    holds by default into many (K/V copies per key head: all of them would not fit a quarter of it),
+    and the products still match the float64 reference, from attncap.attention and maps_from_lse."""
+    seen = _record_passes(monkeypatch)
+    q, k, v = (torch.randn(1, 2, 111, 40) for _ in range(3))
+    request = MapRequest(heads="mean", query_grid=(3, 37), key_grid=(3, 37), query_pool=2, key_pool=3,
+                         stats=("colsum", "entropy"))
+    attncap.attention(q, k, v, request=request, backend="torch")
+    out, got = attncap.attention(q, k, v, request=request, backend="torch", workspace_bytes=60_000)
+    (default, one), (bounded, many) = seen
+    assert default is None and one == 1 and bounded == 60_000 and many >= 8, seen
+    ref_out, ref = attention_reference(q, k, v, request=request)
+    _check(got, ref)
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
+    lse = cpu_path.sdpa_with_lse(q, k, v)[1]
+    maps_only = MapRequest(heads="mean", query_grid=(3, 37), key_grid=(3, 37), query_pool=2, key_pool=3,
+                           stats=("colsum",))
+    got = attncap.maps_from_lse(q, k, lse, request=maps_only, backend="torch", workspace_bytes=60_000)
+    assert seen[-1][0] == 60_000 and seen[-1][1] >= 8
+    _check(got, attention_reference(q, k, v, request=maps_only)[1])
+
+
+@pytest.mark.parametrize("workspace, exc, words", [
+    ("64MiB", TypeError, r"workspace_bytes must be a number of bytes \(an int"),
+    (True, TypeError, r"workspace_bytes must be a number of bytes"),
+    (-1, ValueError, r"workspace_bytes must be positive"),
+    (1000, ValueError, rf"workspace_bytes=1000 is too small for this call: .* take {3 * 111 * 4 + 2 * 111 * 40 * 4} bytes; "
+                       "pass at least that"),
+])
+def test_a_workspace_that_cannot_work_is_refused_before_any_work(monkeypatch, workspace, exc, words):
+    """Wrong types and values name the argument; a bound below the smallest tile (one query row of one
+    key head: 3 buffers of 111 fp32 scores, its permuted K and V, 2 x 111 x 40 x 4 bytes) names the
+    least that works. No score is computed first."""
+    def no_scores(*args, **kwargs):
+        raise AssertionError("a score tile was computed before the error")
+    monkeypatch.setattr(cpu_path, "_scores", no_scores)
+    q, k, v = (torch.randn(1, 2, 111, 40) for _ in range(3))
+    request = MapRequest(heads="mean", query_grid=(3, 37), key_grid=(3, 37), query_pool=2, key_pool=3)
+    with pytest.raises(exc, match=words):
+        attncap.attention(q, k, v, request=request, backend="torch", workspace_bytes=workspace)
+
+
+def test_capture_hands_workspace_bytes_to_every_captured_call(monkeypatch):
+    """attncap.capture(..., workspace_bytes=) is the bound of each call it captures."""
+    seen = _record_passes(monkeypatch)
+
+    class Attn(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.scaled_dot_product_attention(x, x, x)
+
+    model = Attn()
+    with attncap.capture(model, layout=[("image", 64, (8, 8))], relations="image->image", pool=2,
+                         workspace_bytes=3 * 2**20) as store:
+        model(torch.randn(1, 2, 64, 16))
+    assert [r.kind for r in store] == ["map"]
+    assert seen and all(w == 3 * 2**20 for w, _ in seen), seen

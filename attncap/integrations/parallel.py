@@ -183,7 +183,7 @@ class ShardedCall:
                                  max_bytes=2**62))
             jobs.append((relation, qseg, kseg, request, q_pos[a:b], placed, weight))
         out, products = attention(q, k, v, scale=scale, request=local or None, layout="bshd",
-                                  backend=session.backend)
+                                  backend=session.backend, workspace_bytes=session.workspace_bytes)
         for (relation, qseg, kseg, request, positions, placed, weight), prods in zip(jobs, products if local else []):
             kept = 1 if request.heads == "mean" else heads if request.heads == "all" else len(request.heads)
             bins, counts, nbins = _bins(qseg, request.query_pool, positions)
