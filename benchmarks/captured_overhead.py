@@ -192,7 +192,7 @@ def main() -> None:
         rev = subprocess.run(["git", "-C", args.before_src, "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True)
         before = f"commit {rev.stdout.strip()}" if rev.returncode == 0 else args.before_src
-    sys.path.insert(0, ROOT)
+    sys.path.append(ROOT)
     text = section(rows, recompiles(), env, before)
     print(text)
     if args.write_results:

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+sys.path.append(os.path.dirname(HERE))  # last: the checkout's kernels/ must not hide Hugging Face's "kernels"
 
 import attncap  # noqa: E402
 from attncap.intercept import intercept_sdpa  # noqa: E402

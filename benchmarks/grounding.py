@@ -15,7 +15,7 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+sys.path.append(os.path.dirname(HERE))  # last: the checkout's kernels/ must not hide Hugging Face's "kernels"
 
 import torch  # noqa: E402
 

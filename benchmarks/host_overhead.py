@@ -160,7 +160,7 @@ def main() -> None:
     text = section(rows, recompiles(), env, names)
     print(text)
     if args.write_results:
-        sys.path.insert(0, ROOT)
+        sys.path.append(ROOT)
         from attncap.report import replace_section
         replace_section(args.write_results, text)
 

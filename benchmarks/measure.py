@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ctypes
 import datetime
+import functools
 import gc
 import json
 import os
@@ -252,8 +253,11 @@ def naive_limit(device: str) -> int:
     return 6 * 2**30
 
 
+@functools.lru_cache(maxsize=None)
 def attncap_source_hash() -> str:
-    """Short sha256 of attncap's sources (attncap/ and kernels/): tells apart runs of one version."""
+    """Short sha256 of attncap's sources (attncap/ and kernels/): tells apart runs of one version.
+    Taken once per process, first at import: run.py's workers are forks of a server that imported
+    attncap when the suite began, so that is the code they run, even if the files change meanwhile."""
     import hashlib
     root = os.path.dirname(os.path.dirname(os.path.abspath(attncap.__file__)))
     h = hashlib.sha256()
@@ -263,6 +267,9 @@ def attncap_source_hash() -> str:
                 with open(os.path.join(dirpath, name), "rb") as f:
                     h.update(name.encode() + f.read())
     return h.hexdigest()[:12]
+
+
+attncap_source_hash()  # now, at import: see its docstring
 
 
 def device_name(device: str) -> str:

@@ -179,7 +179,7 @@ def main() -> None:
     section = _section(rows)
     print(section)
     if args.write_results:
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        sys.path.append(str(Path(__file__).resolve().parent.parent))
         from attncap.report import replace_section
 
         replace_section(Path(__file__).resolve().parent / "RESULTS.md", section)

@@ -26,7 +26,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.dirname(HERE))
+sys.path.append(os.path.dirname(HERE))  # last: the checkout's kernels/ must not hide Hugging Face's "kernels"
 import attncap  # noqa: E402
 from measure import attncap_source_hash, device_name, make_inputs  # noqa: E402
 from providers import attncap_fused  # noqa: E402

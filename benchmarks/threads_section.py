@@ -41,7 +41,7 @@ def main() -> None:
     text = section(doc, os.path.relpath(args.results, os.path.dirname(HERE)))
     print(text)
     if args.write_results:
-        sys.path.insert(0, os.path.dirname(HERE))
+        sys.path.append(os.path.dirname(HERE))
         from attncap.report import replace_section
         replace_section(args.write_results, text)
 

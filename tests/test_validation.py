@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 
@@ -97,7 +98,16 @@ def test_plan_covers_every_token_once_in_contiguous_bins(grid, pool, bins):
 
 
 def test_no_top_level_kernels_package_is_installed():
-    """diffusers imports Hugging Face's `kernels` by that name: ours must only be attncap.kernels."""
-    assert importlib.util.find_spec("attncap.kernels") is not None
-    code = "import importlib.util, sys; sys.exit(importlib.util.find_spec('kernels') is not None)"
-    assert subprocess.run([sys.executable, "-c", code], cwd="/").returncode == 0
+    """transformers and diffusers import Hugging Face's `kernels` by that name (transformers 5 depends
+    on it): ours is only attncap.kernels. Outside the checkout, a `kernels` found is never our folder;
+    inside it (its root first on sys.path), importing ours as `kernels` says what happened."""
+    ours = importlib.util.find_spec("attncap.kernels")
+    assert ours is not None
+    code = ("import importlib.util, sys; s = importlib.util.find_spec('kernels'); "
+            "print(s.origin if s else '')")
+    found = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True)
+    assert found.returncode == 0 and found.stdout.strip() != ours.origin, found
+    root = os.path.dirname(os.path.dirname(ours.origin))
+    if os.path.exists(os.path.join(root, "setup.py")):  # an editable install of a checkout (make venv)
+        shadowed = subprocess.run([sys.executable, "-c", "import kernels"], cwd=root, capture_output=True, text=True)
+        assert shadowed.returncode != 0 and "the attncap checkout's root is on sys.path" in shadowed.stderr
