@@ -1,15 +1,30 @@
 """Triton kernels of attncap (installed as attncap.kernels): the fused forward and the map pass."""
 if __name__ == "kernels":
-    # Imported by that name only when an attncap checkout's root is on sys.path (python started in it,
-    # or a script putting it first): then this folder hides Hugging Face's "kernels" package, which
-    # transformers and diffusers import, and their imports would fail with a confusing missing name.
-    raise ImportError(
-        f"'kernels' resolved to attncap's Triton folder ({__file__}), not Hugging Face's kernels package, "
-        "because the attncap checkout's root is on sys.path (Python started there, or PYTHONPATH). "
-        "Start Python outside the checkout, or put the root last on sys.path; attncap's kernels are "
-        "imported as attncap.kernels")
+    # This folder is imported by the top-level name only where an attncap checkout's root is on
+    # sys.path ahead of site-packages (Python started in it: python -m, python -c, pytest). The name
+    # belongs to Hugging Face's kernels package, which transformers 5 depends on and imports: hand
+    # the importer that package instead (a module may replace itself in sys.modules while it is
+    # imported), or, where it is not installed, say why the name is taken.
+    import importlib.metadata
+    import importlib.util
+    import os
+    import sys
 
-from .forward import forward  # noqa: E402
-from .map_pass import map_pass  # noqa: E402
+    try:
+        _init = str(importlib.metadata.distribution("kernels").locate_file("kernels/__init__.py"))
+    except importlib.metadata.PackageNotFoundError:
+        _init = None
+    if _init is None or not os.path.isfile(_init):
+        raise ImportError(
+            f"'kernels' resolved to attncap's Triton folder ({__file__}) because the attncap checkout's root "
+            "is on sys.path, and Hugging Face's kernels package, which owns that name, is not installed; "
+            "attncap's kernels are imported as attncap.kernels")
+    _spec = importlib.util.spec_from_file_location("kernels", _init, submodule_search_locations=[os.path.dirname(_init)])
+    _module = importlib.util.module_from_spec(_spec)
+    sys.modules["kernels"] = _module
+    _spec.loader.exec_module(_module)
+else:
+    from .forward import forward
+    from .map_pass import map_pass
 
-__all__ = ["forward", "map_pass"]
+    __all__ = ["forward", "map_pass"]

@@ -100,7 +100,8 @@ def test_plan_covers_every_token_once_in_contiguous_bins(grid, pool, bins):
 def test_no_top_level_kernels_package_is_installed():
     """transformers and diffusers import Hugging Face's `kernels` by that name (transformers 5 depends
     on it): ours is only attncap.kernels. Outside the checkout, a `kernels` found is never our folder;
-    inside it (its root first on sys.path), importing ours as `kernels` says what happened."""
+    inside it (its root first on sys.path), `import kernels` gives Hugging Face's package where it is
+    installed, else an error saying why the name resolved to our folder; diffusers imports there."""
     ours = importlib.util.find_spec("attncap.kernels")
     assert ours is not None
     code = ("import importlib.util, sys; s = importlib.util.find_spec('kernels'); "
@@ -108,6 +109,13 @@ def test_no_top_level_kernels_package_is_installed():
     found = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True)
     assert found.returncode == 0 and found.stdout.strip() != ours.origin, found
     root = os.path.dirname(os.path.dirname(ours.origin))
-    if os.path.exists(os.path.join(root, "setup.py")):  # an editable install of a checkout (make venv)
-        shadowed = subprocess.run([sys.executable, "-c", "import kernels"], cwd=root, capture_output=True, text=True)
-        assert shadowed.returncode != 0 and "the attncap checkout's root is on sys.path" in shadowed.stderr
+    if not os.path.exists(os.path.join(root, "setup.py")):  # not an editable install of a checkout
+        return
+    inside = subprocess.run([sys.executable, "-c", "import kernels; print(kernels.__file__)"], cwd=root,
+                            capture_output=True, text=True)
+    if found.stdout.strip():  # Hugging Face's kernels is installed
+        assert inside.returncode == 0 and inside.stdout.strip() == found.stdout.strip(), inside
+        code = "import diffusers; from diffusers import StableDiffusionPipeline"
+        assert subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True).returncode == 0
+    else:
+        assert inside.returncode != 0 and "Hugging Face's kernels package, which owns that name" in inside.stderr
