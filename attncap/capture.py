@@ -101,7 +101,7 @@ class Capture:
         try:
             store = self._store = Store(**self.store_args)
             session = self._session = CaptureSession(self.config, store, backend=self.backend, cp_store=self.cp_store,
-                                                          workspace_bytes=self.workspace_bytes)
+                                                     workspace_bytes=self.workspace_bytes)
             self._installed = _integration_for(self.target, session, self.layout)
             self._installed.install()
             from .integrations.generic import GenericCapture
